@@ -1,0 +1,209 @@
+"""Sequential calibration: feed the model one decoder block at a time and collect per-module statistics.
+
+Lifecycle for each block:
+1. *discover* — one sample runs through the block with hooks that record which target modules see the same
+   input tensor; consecutive modules sharing an input form a group (Llama: q/k/v → o → gate/up → down).
+   Found by hooks on the block, never by tracing or by architecture names.
+2. *calibrate, solve* — for each group in order, hooks accumulate ``H = 2/N · Σ xxᵀ`` for the group's modules
+   while all samples run through the block (stopping as soon as the group's last module has fired), then the
+   caller's solver replaces each module. Later groups therefore see the outputs of already-quantized modules
+   ("true sequential").
+3. *propagate* — the block runs once more and its (quantized) outputs become the next block's inputs.
+
+Peak memory is the model's weights plus one block's activations for the calibration set, instead of every
+layer's activations and statistics at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats.linear import dequantization_cache
+from .discovery import decoder_layers, quantizable_modules, set_submodule
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the needed statistics are in."""
+
+
+@dataclass
+class ModuleStats:
+    """Statistics of one module's inputs over the calibration set."""
+
+    hessian: torch.Tensor  # 2/N · Σ x xᵀ  [in, in], float32
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _weight_in(module: nn.Module) -> int:
+    from .discovery import weight_matrix
+
+    return weight_matrix(module).shape[1]
+
+
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, batches: torch.Tensor):
+    """Run the model up to its first decoder block and keep each sample's ``(args, kwargs)`` there."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for row in batches:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"calibration activations entering {name} contain NaN or inf; check the model and data")
+
+
+def discover_groups(block: nn.Module, targets: dict[str, nn.Module], sample) -> list[list[str]]:
+    """Group target modules (relative names) by shared input tensor, in execution order."""
+    order: list[tuple[str, int]] = []
+    alive = []  # holding the inputs keeps their ids unique for the whole pass
+
+    def record(name, inp):
+        alive.append(inp[0])
+        order.append((name, id(inp[0])))
+
+    handles = [
+        mod.register_forward_hook(lambda m, inp, out, n=name: record(n, inp))
+        for name, mod in targets.items()
+    ]
+    try:
+        with torch.no_grad():
+            block(*sample[0], **sample[1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    seen = set()
+    for name, input_id in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    never_called = [n for n in targets if n not in seen]
+    if never_called:
+        groups.append(never_called)  # e.g. unused experts: solved from an empty Hessian (RTN-equivalent)
+    return groups
+
+
+def collect_stats(block, modules: dict[str, nn.Module], inputs, prefix: str) -> dict[str, ModuleStats]:
+    """Accumulate Hessians for ``modules`` over all samples, stopping each pass after the last one fires."""
+    stats = {n: ModuleStats(torch.zeros(_weight_in(m), _weight_in(m))) for n, m in modules.items()}
+    remaining: set[str] = set()
+
+    def hook(_m, inp, _out, name):
+        x = inp[0].detach()
+        _check_finite(f"{prefix}.{name}", x)
+        x = x.reshape(-1, x.shape[-1]).float()
+        st = stats[name]
+        total = st.tokens + x.shape[0]
+        st.hessian.mul_(st.tokens / total).add_(x.T @ x, alpha=2.0 / total)
+        st.tokens = total
+        remaining.discard(name)
+        if not remaining:
+            raise _StopForward
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                remaining.update(modules)
+                try:
+                    block(*args, **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def run_sequential(
+    model: nn.Module,
+    batches: torch.Tensor,
+    is_target: Callable[[str, nn.Module], bool],
+    solve: Callable[[str, nn.Module, ModuleStats], nn.Module | None],
+    progress: bool = True,
+) -> None:
+    """Calibrate and solve ``model`` block by block.
+
+    Args:
+        model: a causal LM whose decoder blocks live in one ``nn.ModuleList``.
+        batches: ``[N, L]`` calibration token ids.
+        is_target: ``(full_name, module) -> bool`` chooses the modules to solve.
+        solve: ``(full_name, module, stats) -> replacement or None``; called once per target module.
+    """
+    if batches.numel() == 0:
+        raise ValueError("calibration set is empty: no token windows")
+    with dequantization_cache():
+        _run_sequential(model, batches, is_target, solve, progress)
+
+
+def _run_sequential(model, batches, is_target, solve, progress):
+    prefix, layers = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, layers, batches)
+    bar = tqdm(total=len(layers), desc="Calibrating blocks", unit="block", disable=not progress)
+    try:
+        for idx, block in enumerate(layers):
+            block_name = f"{prefix}.{idx}"
+            for rel in _solve_block(block, block_name, inputs, is_target, solve):
+                bar.set_postfix_str(rel)
+            with torch.no_grad():
+                new_inputs = []
+                for args, kwargs in inputs:
+                    out = _block_output(block(*args, **kwargs))
+                    _check_finite(f"the output of {block_name}", out)
+                    new_inputs.append(_with_hidden(args, kwargs, out))
+                inputs = new_inputs
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _solve_block(block, block_name, inputs, is_target, solve):
+    targets = {rel: m for rel, m in quantizable_modules(block) if is_target(f"{block_name}.{rel}", m)}
+    if not targets:
+        return
+    for group in discover_groups(block, targets, inputs[0]):
+        stats = collect_stats(block, {n: targets[n] for n in group}, inputs, block_name)
+        for rel in group:
+            replacement = solve(f"{block_name}.{rel}", targets[rel], stats.pop(rel))
+            if replacement is not None:
+                set_submodule(block, rel, replacement)
+            yield rel

