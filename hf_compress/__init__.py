@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "quantize": "hf_compress.quantize",
+    "quantize": "hf_compress.pipeline",
     "HfcConfig": "hf_compress.config",
     "RTNConfig": "hf_compress.config",
     "GPTQConfig": "hf_compress.config",

@@ -38,12 +38,16 @@ def atomic_directory(target: str | os.PathLike):
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
-    """``model.save_pretrained`` made atomic (safetensors only); also saves ``tokenizer`` when given."""
+    """``model.save_pretrained`` made atomic (safetensors only), plus ``tokenizer`` and a model card."""
     kwargs.pop("safe_serialization", None)
     with atomic_directory(save_directory) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if getattr(getattr(model.config, "quantization_config", None), "plan", None):
+            from .integrations.model_card import render_model_card
+
+            Path(tmp, "README.md").write_text(render_model_card(model, repo_id=Path(save_directory).name), encoding="utf-8")
         for f in Path(tmp).glob("*.safetensors"):
             verify_safetensors_file(f)
     return Path(save_directory)

@@ -81,7 +81,7 @@ def _load(name, dtype_name):
 
 def _quantize(model, tokenizer, args):
     from .calibration.data import default_text_source
-    from .quantize import quantize
+    from .pipeline import quantize
 
     config = make_config(args)
     calibration = args.dataset or default_text_source("validation") if config.needs_calibration else None

@@ -35,7 +35,7 @@ class HfcQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             return model
-        from .quantize import quantize
+        from .pipeline import quantize
 
         config = self.quantization_config
         model.hf_quantizer = None  # `quantize` refuses models that look quantized already

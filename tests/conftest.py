@@ -36,6 +36,17 @@ def text_corpus():
     return " ".join(words[i] for i in torch.randint(0, len(words), (4000,), generator=g).tolist())
 
 
+def save_char_tokenizer(path) -> None:
+    """A real (fast) character-level tokenizer saved next to a tiny model, for code paths that load one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"[UNK]": 0}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

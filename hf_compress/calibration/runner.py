@@ -177,9 +177,12 @@ def _run_sequential(model, batches, is_target, solve, progress):
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, layers, batches)
-    bar = tqdm(total=len(layers), desc="Calibrating blocks", unit="block", disable=not progress)
+    with_targets = [i for i, block in enumerate(layers)
+                    if any(is_target(f"{prefix}.{i}.{rel}", m) for rel, m in quantizable_modules(block))]
+    last = with_targets[-1] if with_targets else -1  # blocks after the last target need no activations
+    bar = tqdm(total=last + 1, desc="Calibrating blocks", unit="block", disable=not progress)
     try:
-        for idx, block in enumerate(layers):
+        for idx, block in enumerate(layers[: last + 1]):
             block_name = f"{prefix}.{idx}"
             for rel in _solve_block(block, block_name, inputs, is_target, solve):
                 bar.set_postfix_str(rel)

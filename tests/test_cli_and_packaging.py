@@ -1,0 +1,72 @@
+"""CLI commands, the optimum-cli extension, and the built wheel used from outside the source tree."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_compress.cli import main
+
+from conftest import REPO, save_char_tokenizer, subprocess_env, tiny_llama
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    save_char_tokenizer(tmp_path / "dense")
+    return tmp_path / "dense"
+
+
+def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys):
+    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "3", "--group-size", "32"]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.config.quantization_config.plan["model.layers.0.mlp.up_proj"]["bits"] == 3
+
+
+def test_cli_errors_are_clear(dense_dir, tmp_path, capsys):
+    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "5"]) == 2
+    assert "unsupported bit width 5" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    assert main(["eval", str(tmp_path / "nope" / "model")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_optimum_cli_exposes_the_commands():
+    exe = Path(sys.executable).with_name("optimum-cli")
+    if not exe.exists():
+        pytest.skip("optimum-cli is not installed next to this interpreter")
+    run = subprocess.run([str(exe), "hf-compress", "quantize", "--help"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--group-size" in run.stdout
+
+
+def test_wheel_ships_subpackages_hook_and_cards(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in ("hf_compress/kernels/__init__.py", "hf_compress/integrations/__init__.py",
+                     "hf_compress/model_cards/quantized.md", "hf_compress-autoload.pth",
+                     "_hf_compress_autoload.py", "optimum/commands/register/hf_compress.py"):
+        assert any(n == required or n.endswith(required) for n in names), required
+    target = tmp_path / "site"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    code = ("import hf_compress, hf_compress.kernels, hf_compress.integrations, importlib.resources as r;"
+            "print(hf_compress.__file__);"
+            "print((r.files('hf_compress') / 'model_cards' / 'quantized.md').is_file())")
+    env = subprocess_env(PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.split()
+    assert first.startswith(str(target)) and second == "True"

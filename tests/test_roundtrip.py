@@ -1,0 +1,115 @@
+"""Quantize → save → load gives identical logits: in-process, via from_pretrained(quantization_config=...),
+and in a fresh interpreter that never imports hf_compress."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_compress
+from hf_compress import GPTQConfig, RTNConfig
+from hf_compress.formats.linear import PackedLinear
+
+from conftest import TINY_MODELS, save_char_tokenizer, subprocess_env
+
+IDS = torch.tensor([[5, 17, 99, 3, 64, 120, 7, 7, 31, 2]])
+
+CONFIGS = {
+    "rtn4": lambda: RTNConfig(bits=4, group_size=32),
+    "gptq3": lambda: GPTQConfig(bits=3, group_size=48),  # 48 does not divide 64: a short last group
+    "gptq2sym": lambda: GPTQConfig(bits=2, group_size=16, sym=True),
+    "gptq8": lambda: GPTQConfig(bits=8, group_size=-1, act_order=False),
+}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+def test_quantize_save_load_identical(tiny_model, config_name, calib, char_tokenizer, tmp_path):
+    dense = logits(tiny_model)
+    n_linear = 14 if hasattr(tiny_model, "model") else 8  # Llama: 7 Linears per block; GPT-2: 4 Conv1Ds
+    config = CONFIGS[config_name]()
+    hf_compress.quantize(tiny_model, config, calibration=calib, tokenizer=char_tokenizer, progress=False)
+    packed = [m for m in tiny_model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == n_linear
+    quant = logits(tiny_model)
+    assert not torch.equal(quant, dense)
+    rel = ((quant - dense).norm() / dense.norm()).item()
+    assert rel < {2: 0.8, 3: 0.3, 4: 0.15, 8: 0.01}[config.bits]
+    hf_compress.save_pretrained(tiny_model, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == config.quant_method and len(saved["plan"]) == n_linear
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(loaded), quant)
+    out = loaded.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 4)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_quantize_on_load_equals_quantize_in_memory(arch, tmp_path, text_corpus, char_tokenizer):
+    TINY_MODELS[arch]().save_pretrained(tmp_path / "dense")
+    config = RTNConfig(bits=4, group_size=32)
+    on_load = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config)
+    in_memory = hf_compress.quantize(TINY_MODELS[arch](), RTNConfig(bits=4, group_size=32), progress=False)
+    assert torch.equal(logits(on_load), logits(in_memory))
+    on_load.save_pretrained(tmp_path / "q")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), logits(in_memory))
+
+
+def test_gptq_on_load_with_dataset(tmp_path, text_corpus):
+    TINY_MODELS["llama"]().save_pretrained(tmp_path / "dense")
+    save_char_tokenizer(tmp_path / "dense")
+    data = tmp_path / "calib.txt"
+    data.write_text(text_corpus)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=GPTQConfig(bits=4, group_size=32, dataset=str(data), num_samples=4, seq_len=64))
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 14
+    assert model.config.quantization_config.report["seconds"] >= 0
+
+
+FRESH = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    out = m(torch.tensor({ids})).logits
+torch.save(out, sys.argv[2])
+print("hf_compress" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_fresh_process_loads_without_import_and_fails_loudly_when_switched_off(arch, tmp_path, calib, char_tokenizer):
+    model = hf_compress.quantize(TINY_MODELS[arch](), GPTQConfig(bits=4, group_size=32), calibration=calib,
+                                 tokenizer=char_tokenizer, progress=False)
+    expect = logits(model)
+    model.save_pretrained(tmp_path / "q")
+    script = FRESH.format(ids=IDS.tolist())
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q"), str(tmp_path / "out.pt")],
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("True")  # registered by the interpreter-start hook, not by the script
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expect)
+
+    off = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q"), str(tmp_path / "off.pt")],
+                         cwd=tmp_path, env=subprocess_env(HF_COMPRESS_AUTOLOAD="0"), capture_output=True, text=True, timeout=300)
+    assert off.returncode != 0
+    assert "mismatch" in off.stderr.lower() or "size" in off.stderr.lower()
+    assert not (tmp_path / "off.pt").exists()
+
+
+def test_register_is_idempotent():
+    hf_compress.register()
+    hf_compress.register()
+    import importlib
+
+    importlib.reload(importlib.import_module("hf_compress.quantizer")).register()
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert "hfc_gptq" in AUTO_QUANTIZER_MAPPING and "hfc_rtn" in AUTO_QUANTIZER_MAPPING
