@@ -113,3 +113,22 @@ def test_register_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     assert "hfc_gptq" in AUTO_QUANTIZER_MAPPING and "hfc_rtn" in AUTO_QUANTIZER_MAPPING
+
+
+def test_checkpoint_size_is_within_10_percent_of_ideal(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_compress.report import checkpoint_bytes, size_report
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    for bits in (2, 3, 4, 8):
+        model = hf_compress.quantize(LlamaForCausalLM(cfg), RTNConfig(bits=bits, group_size=64), progress=False)
+        size = size_report(model)
+        expect_bpw = bits + (16 + bits) / 64
+        assert size.bits_per_weight == pytest.approx(expect_bpw, rel=0.01)
+        hf_compress.save_pretrained(model, tmp_path / f"q{bits}")
+        on_disk = checkpoint_bytes(tmp_path / f"q{bits}")
+        assert size.ideal_bytes <= on_disk <= 1.10 * size.ideal_bytes
+        assert on_disk < 0.6 * size.fp16_bytes

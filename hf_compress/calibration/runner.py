@@ -16,7 +16,7 @@ layer's activations and statistics at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -37,7 +37,6 @@ class ModuleStats:
 
     hessian: torch.Tensor  # 2/N · Σ x xᵀ  [in, in], float32
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _weight_in(module: nn.Module) -> int:
