@@ -33,7 +33,8 @@ class HfcConfig(QuantizationConfigMixin):
         dataset: calibration source for methods that need data (datasets spec, file path, list of strings).
         num_samples, seq_len, seed: calibration windows (see ``calibration.data``).
         tokenizer: tokenizer name or path for quantize-on-load (default: the model's own path).
-        plan: the resolved per-module plan; filled in by quantization, read by loading.
+        plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
+            widths per module); otherwise quantization fills it in. Loading reads nothing else.
     """
 
     quant_method = "hfc_base"
@@ -73,9 +74,17 @@ class HfcConfig(QuantizationConfigMixin):
         return any(re.search(p, name) for p in self.modules_to_not_convert)
 
     def resolve_plan(self, model: nn.Module) -> dict[str, QuantSpec]:
-        """Uniform plan over every linear-like module inside the decoder blocks (embeddings, head stay dense)."""
-        from .calibration.discovery import decoder_layers, quantizable_modules
+        """The plan to execute: the given ``plan`` (per-module specs, e.g. mixed bit widths) if set, else a
+        uniform plan over every linear-like module inside the decoder blocks (embeddings and head stay dense)."""
+        from .calibration.discovery import decoder_layers, is_linear_like, quantizable_modules
 
+        if self.plan:
+            plan = self.plan_specs()
+            names = dict(model.named_modules())
+            bad = [n for n in plan if n not in names or not is_linear_like(names[n])]
+            if bad:
+                raise ValueError(f"plan names modules that are not linear layers of this model: {bad[:5]}")
+            return plan
         prefix, layers = decoder_layers(model)
         plan = {}
         for rel, _mod in quantizable_modules(layers):

@@ -132,3 +132,21 @@ def test_checkpoint_size_is_within_10_percent_of_ideal(tmp_path):
         on_disk = checkpoint_bytes(tmp_path / f"q{bits}")
         assert size.ideal_bytes <= on_disk <= 1.10 * size.ideal_bytes
         assert on_disk < 0.6 * size.fp16_bytes
+
+
+def test_mixed_bit_widths_per_module_round_trip(tmp_path, calib, char_tokenizer):
+    widths = {"q_proj": 2, "k_proj": 3, "v_proj": 8, "o_proj": 4, "gate_proj": 3, "up_proj": 4, "down_proj": 2}
+    plan = {f"model.layers.{i}.{'self_attn' if 'proj' in k and k[0] in 'qkvo' else 'mlp'}.{k}":
+            {"bits": b, "group_size": 32 if b < 8 else -1, "sym": b == 8} for i in range(2) for k, b in widths.items()}
+    model = hf_compress.quantize(TINY_MODELS["llama"](), GPTQConfig(plan=plan), calibration=calib,
+                                 tokenizer=char_tokenizer, progress=False)
+    assert model.model.layers[1].self_attn.v_proj.spec.bits == 8
+    assert model.model.layers[0].mlp.down_proj.spec.bits == 2
+    expect = logits(model)
+    model.save_pretrained(tmp_path / "q")
+    run = subprocess.run([sys.executable, "-c", FRESH.format(ids=IDS.tolist()), str(tmp_path / "q"), str(tmp_path / "o.pt")],
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "o.pt"), expect)
+    with pytest.raises(ValueError, match="not linear layers"):
+        hf_compress.quantize(TINY_MODELS["llama"](), RTNConfig(plan={"model.norm": {"bits": 4}}), progress=False)
