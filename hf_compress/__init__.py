@@ -21,6 +21,8 @@ _LAZY = {
     "perplexity": "hf_compress.evaluation",
     "size_report": "hf_compress.report",
     "PackedLinear": "hf_compress.formats.linear",
+    "profile": "hf_compress.sensitivity",
+    "SensitivityProfile": "hf_compress.sensitivity",
 }
 
 __all__ = [*_LAZY, "register", "__version__"]

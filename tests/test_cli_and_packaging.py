@@ -70,3 +70,15 @@ def test_wheel_ships_subpackages_hook_and_cards(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     first, second = out.stdout.split()
     assert first.startswith(str(target)) and second == "True"
+
+
+def test_cli_profile_writes_json_png_and_table(dense_dir, tmp_path, capsys):
+    data = tmp_path / "calib.txt"
+    data.write_text("a quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["profile", str(dense_dir), "--out", str(tmp_path / "prof"), "--dataset", str(data),
+                 "--num-samples", "4", "--seq-len", "64", "--group-size", "32", "--fisher-samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| layer | LIM |" in out
+    prof = json.loads((tmp_path / "prof" / "sensitivity_profile.json").read_text())
+    assert len(prof["layers"]) == 2 and len(prof["modules"]) == 14
+    assert (tmp_path / "prof" / "sensitivity_profile.png").stat().st_size > 1000

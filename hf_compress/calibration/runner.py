@@ -156,6 +156,7 @@ def run_sequential(
     is_target: Callable[[str, nn.Module], bool],
     solve: Callable[[str, nn.Module, ModuleStats], nn.Module | None],
     progress: bool = True,
+    on_block: Callable[[int, list, list], None] | None = None,
 ) -> None:
     """Calibrate and solve ``model`` block by block.
 
@@ -164,14 +165,16 @@ def run_sequential(
         batches: ``[N, L]`` calibration token ids.
         is_target: ``(full_name, module) -> bool`` chooses the modules to solve.
         solve: ``(full_name, module, stats) -> replacement or None``; called once per target module.
+        on_block: ``(index, inputs, outputs)`` after each block, with the per-sample hidden states entering and
+            leaving it (e.g. for block-level sensitivity such as LIM).
     """
     if batches.numel() == 0:
         raise ValueError("calibration set is empty: no token windows")
     with dequantization_cache():
-        _run_sequential(model, batches, is_target, solve, progress)
+        _run_sequential(model, batches, is_target, solve, progress, on_block)
 
 
-def _run_sequential(model, batches, is_target, solve, progress):
+def _run_sequential(model, batches, is_target, solve, progress, on_block):
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -186,11 +189,14 @@ def _run_sequential(model, batches, is_target, solve, progress):
             for rel in _solve_block(block, block_name, inputs, is_target, solve):
                 bar.set_postfix_str(rel)
             with torch.no_grad():
-                new_inputs = []
+                new_inputs, outputs = [], []
                 for args, kwargs in inputs:
                     out = _block_output(block(*args, **kwargs))
                     _check_finite(f"the output of {block_name}", out)
                     new_inputs.append(_with_hidden(args, kwargs, out))
+                    outputs.append(out)
+                if on_block is not None:
+                    on_block(idx, [a[0] if a else k["hidden_states"] for a, k in inputs], outputs)
                 inputs = new_inputs
             bar.update(1)
     finally:

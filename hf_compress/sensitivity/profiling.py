@@ -1,0 +1,186 @@
+"""``profile(model, calibration)``: every sensitivity score the planners use, from one calibration run.
+
+Per decoder layer: LIM (block input/output cosine), ZD (weight z-score share), a Fisher estimate of the loss
+increase from quantizing the layer, and the summed GPTQ loss. Per module: GPTQ column losses (BAQ's Hessian
+proxy), the relative output error and the Fisher estimate at a reference grid. The model is left unchanged:
+GPTQ runs against each module's Hessian, but its result is only measured, never written back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.data import calibration_batches
+from ..calibration.discovery import decoder_layers, quantizable_modules, weight_matrix
+from ..calibration.runner import run_sequential
+from ..formats.grid import QuantSpec, dequantize_weight
+from ..solvers.gptq import gptq_quantize
+from ..solvers.rtn import rtn_quantize
+from .scores import fisher_loss_increase, lim_score, zd_score
+
+PROFILE_FILE = "sensitivity_profile.json"
+
+
+@dataclass
+class SensitivityProfile:
+    """Measured sensitivities of one model, serialisable as JSON and checkable against a model."""
+
+    model_type: str
+    reference: dict  # the grid the losses were measured at: {"bits", "group_size", "sym"}
+    layers: list[dict] = field(default_factory=list)  # [{"index", "lim", "zd", "fisher", "gptq_loss"}]
+    modules: dict[str, dict] = field(default_factory=dict)  # name -> {"layer", "shape", "output_error", ...}
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (atomically) to ``path``, or to ``path/sensitivity_profile.json`` for a folder."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / PROFILE_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityProfile":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROFILE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no sensitivity profile at {path}")
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"corrupt sensitivity profile {path}: {exc}") from None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if this profile was measured on a model with other module names or shapes."""
+        prefix, layers = decoder_layers(model)
+        current = {f"{prefix}.{rel}": list(weight_matrix(m).shape) for rel, m in quantizable_modules(layers)}
+        missing = sorted(set(self.modules) - set(current))
+        extra = sorted(set(current) - set(self.modules))
+        wrong = [n for n in self.modules if n in current and current[n] != self.modules[n]["shape"]]
+        if missing or extra or wrong:
+            raise ValueError(f"sensitivity profile does not match this model: missing {missing[:3]}, "
+                             f"unprofiled {extra[:3]}, shape mismatch {wrong[:3]}")
+
+    def layer_scores(self, name: str) -> list[float]:
+        if not self.layers or name not in self.layers[0]:
+            raise ValueError(f"unknown layer score {name!r}; have {sorted(self.layers[0]) if self.layers else []}")
+        return [layer[name] for layer in self.layers]
+
+    def table(self) -> str:
+        rows = ["| layer | LIM | ZD | Fisher loss increase | GPTQ loss |", "|---|---|---|---|---|"]
+        rows += [f"| {l['index']} | {l['lim']:.4f} | {l['zd']:.4f} | {l['fisher']:.3e} | {l['gptq_loss']:.3e} |" for l in self.layers]
+        return "\n".join(rows)
+
+    def plot(self, path: str | Path) -> Path:
+        """Per-layer scores as one PNG: which layers are sensitive, at a glance."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [("lim", "LIM (−cos in/out)", False), ("zd", "ZD (share z>1)", False),
+                 ("fisher", "Fisher loss increase", True), ("gptq_loss", "GPTQ loss (sum)", True)]
+        fig, axes = plt.subplots(len(names), 1, figsize=(9, 8), sharex=True)
+        x = [l["index"] for l in self.layers]
+        for ax, (key, label, log) in zip(axes, names):
+            ax.bar(x, self.layer_scores(key), color="tab:blue")
+            ax.set_ylabel(label, fontsize=8)
+            if log:
+                ax.set_yscale("log")
+        axes[-1].set_xlabel("decoder layer")
+        b = self.reference
+        fig.suptitle(f"{self.model_type}: sensitivity per layer (reference grid {b['bits']}-bit, group {b['group_size']})")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}") if math.isfinite(x) else x
+
+
+def _fisher_diagonals(model, batches, names, samples: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Empirical Fisher ``E[g²]`` of each named module's weight over ``samples`` calibration windows."""
+    mods = {n: model.get_submodule(n) for n in names}
+    acc = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in mods.values():
+            m.weight.requires_grad_(True)
+        device = next(model.parameters()).device
+        for row in tqdm(batches[:samples], desc="Fisher", unit="window", disable=not progress):
+            ids = row.unsqueeze(0).to(device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for n, m in mods.items():
+                acc[n] += m.weight.grad.float() ** 2
+                m.weight.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    n = max(min(samples, len(batches)), 1)
+    # stored in [out, in] like ``weight_matrix`` (GPT-2's Conv1D keeps its weight transposed)
+    return {k: v / n if isinstance(mods[k], nn.Linear) else (v / n).t() for k, v in acc.items()}
+
+
+def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_size: int = 64, sym: bool = False,
+            fisher_samples: int = 8, progress: bool = True) -> SensitivityProfile:
+    """Measure a :class:`SensitivityProfile` of ``model`` (left unchanged) on ``calibration``.
+
+    Args:
+        model: a dense causal LM.
+        calibration: a :class:`CalibrationSpec` or source (see ``calibration.data``).
+        tokenizer: the model's tokenizer.
+        bits, group_size, sym: the reference grid GPTQ losses and Fisher estimates are measured at.
+        fisher_samples: calibration windows used for the Fisher diagonal (0 skips it; scores are then 0).
+    """
+    spec = QuantSpec(bits, group_size, sym)
+    batches = calibration_batches(calibration, tokenizer)
+    prefix, layers = decoder_layers(model)
+    names = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers)]
+    fisher = _fisher_diagonals(model, batches, names, fisher_samples, progress) if fisher_samples > 0 else {}
+    result = SensitivityProfile(getattr(model.config, "model_type", type(model).__name__), spec.to_dict())
+
+    def measure(name, module, stats):
+        W = weight_matrix(module).detach().float()
+        res = gptq_quantize(W, stats.hessian, spec)
+        rtn = rtn_quantize(W, spec)
+        delta = W - dequantize_weight(rtn.codes, rtn.scales, rtn.zeros, spec)
+        layer = int(name[len(prefix) + 1:].split(".")[0])
+        result.modules[name] = {
+            "layer": layer, "shape": list(W.shape), "output_error": _round(res.output_error),
+            "gptq_loss": _round(float(res.column_loss.sum())),
+            "fisher": _round(fisher_loss_increase(fisher[name], delta)) if name in fisher else 0.0,
+            "column_loss": [_round(v) for v in res.column_loss.tolist()],
+        }
+        return None  # measure only: the model keeps its dense weights
+
+    def on_block(idx, inputs, outputs):
+        block_modules = [m for n, m in result.modules.items() if m["layer"] == idx]
+        result.layers.append({
+            "index": idx,
+            "lim": _round(lim_score(torch.cat(inputs), torch.cat(outputs))),
+            "zd": _round(zd_score([weight_matrix(m) for _, m in quantizable_modules(layers[idx])])),
+            "fisher": _round(sum(m["fisher"] for m in block_modules)),
+            "gptq_loss": _round(sum(m["gptq_loss"] for m in block_modules)),
+        })
+
+    run_sequential(model, batches, lambda n, m: n in names, measure, progress=progress, on_block=on_block)
+    return result
