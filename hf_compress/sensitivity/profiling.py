@@ -89,15 +89,19 @@ class SensitivityProfile:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [("lim", "LIM (−cos in/out)", False), ("zd", "ZD (share z>1)", False),
-                 ("fisher", "Fisher loss increase", True), ("gptq_loss", "GPTQ loss (sum)", True)]
+        # LIM is plotted as 1 + LIM = 1 − cos(in, out) so that every panel reads "taller = more sensitive".
+        names = [("lim", "1 − cos(in, out)\n(LIM + 1)", True, 1.0), ("zd", "ZD (share z>1)", False, 0.0),
+                 ("fisher", "Fisher loss\nincrease", True, 0.0), ("gptq_loss", "GPTQ loss\n(sum)", True, 0.0)]
         fig, axes = plt.subplots(len(names), 1, figsize=(9, 8), sharex=True)
         x = [l["index"] for l in self.layers]
-        for ax, (key, label, log) in zip(axes, names):
-            ax.bar(x, self.layer_scores(key), color="tab:blue")
+        for ax, (key, label, log, offset) in zip(axes, names):
+            values = [v + offset for v in self.layer_scores(key)]
+            ax.bar(x, values, color="tab:blue")
             ax.set_ylabel(label, fontsize=8)
-            if log:
+            if log and min(values) > 0:
                 ax.set_yscale("log")
+            elif not log:
+                ax.set_ylim(min(values) * 0.95, max(values) * 1.02)
         axes[-1].set_xlabel("decoder layer")
         b = self.reference
         fig.suptitle(f"{self.model_type}: sensitivity per layer (reference grid {b['bits']}-bit, group {b['group_size']})")
