@@ -15,6 +15,7 @@ _LAZY = {
     "HfcConfig": "hf_compress.config",
     "RTNConfig": "hf_compress.config",
     "GPTQConfig": "hf_compress.config",
+    "LayerwiseQuantConfig": "hf_compress.layerwise",
     "CalibrationSpec": "hf_compress.calibration.data",
     "save_pretrained": "hf_compress.checkpoint",
     "load_model": "hf_compress.models",

@@ -73,7 +73,12 @@ class HfcConfig(QuantizationConfigMixin):
     def is_excluded(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.modules_to_not_convert)
 
-    def resolve_plan(self, model: nn.Module) -> dict[str, QuantSpec]:
+    @property
+    def solver_needs_statistics(self) -> bool:
+        """Whether the per-module solver needs calibration Hessians (else modules are solved weight-only)."""
+        return self.needs_calibration
+
+    def resolve_plan(self, model: nn.Module, batches=None) -> dict[str, QuantSpec]:
         """The plan to execute: the given ``plan`` (per-module specs, e.g. mixed bit widths) if set, else a
         uniform plan over every linear-like module inside the decoder blocks (embeddings and head stay dense)."""
         from .calibration.discovery import decoder_layers, is_linear_like, quantizable_modules

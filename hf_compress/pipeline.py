@@ -53,7 +53,13 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("model is already quantized; load the dense model to quantize it again")
     start = time.perf_counter()
-    plan = config.resolve_plan(model)
+    batches = None
+    if config.needs_calibration:
+        spec = config.calibration_spec(calibration)
+        if spec is None:
+            raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
+        batches = calibration_batches(spec, tokenizer or _tokenizer_for(model, config))
+    plan = config.resolve_plan(model, batches)
     _, layers = decoder_layers(model)
     skipped = unsupported_weight_modules(layers)
     if skipped:
@@ -63,12 +69,7 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     def solve(name, module, stats):
         return _packed_from(name, module, config, plan[name], stats, report)
 
-    if config.needs_calibration:
-        spec = config.calibration_spec(calibration)
-        if spec is None:
-            raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
-        tokenizer = tokenizer or _tokenizer_for(model, config)
-        batches = calibration_batches(spec, tokenizer)
+    if config.solver_needs_statistics:
         run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress)
     else:
         for name in tqdm(list(plan), desc="Quantizing modules", disable=not progress):

@@ -70,6 +70,8 @@ def build_packed_modules(model, plan, dtype=None) -> None:
 
 def register() -> None:
     """Register every hf-compress config and the quantizer with transformers (idempotent)."""
-    for cls in CONFIG_CLASSES:
+    from .layerwise import LayerwiseQuantConfig
+
+    for cls in (*CONFIG_CLASSES, LayerwiseQuantConfig):
         AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(cls.quant_method, cls)
         AUTO_QUANTIZER_MAPPING.setdefault(cls.quant_method, HfcQuantizer)

@@ -188,3 +188,26 @@ def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_
 
     run_sequential(model, batches, lambda n, m: n in names, measure, progress=progress, on_block=on_block)
     return result
+
+
+@torch.no_grad()
+def layer_lim_scores(model: nn.Module, batches: torch.Tensor) -> list[float]:
+    """LIM of every decoder layer from one dense forward, block by block (no statistics, no solving)."""
+    from ..calibration.runner import capture_block_inputs
+
+    _, layers = decoder_layers(model)
+    inputs = capture_block_inputs(model, layers, batches)
+    scores = []
+    for block in layers:
+        hidden = [a[0] if a else k["hidden_states"] for a, k in inputs]
+        outs = [block(*a, **k) for a, k in inputs]
+        outs = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        scores.append(lim_score(torch.cat(hidden), torch.cat(outs)))
+        inputs = [((o, *a[1:]), k) if a else (a, {**k, "hidden_states": o}) for (a, k), o in zip(inputs, outs)]
+    return scores
+
+
+def layer_zd_scores(model: nn.Module) -> list[float]:
+    """ZD of every decoder layer (data-free)."""
+    _, layers = decoder_layers(model)
+    return [zd_score([weight_matrix(m) for _, m in quantizable_modules(block)]) for block in layers]
