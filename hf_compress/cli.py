@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "layerwise")
 
 
 def _add_model_arg(p):
@@ -37,6 +37,13 @@ def _add_quant_args(p):
     p.add_argument("--no-act-order", action="store_true")
     p.add_argument("--clip-grid", type=int, default=None, help="clipping-search candidates per group (0: off)")
     p.add_argument("--skip", action="append", default=[], help="regex of module names to keep dense (repeatable)")
+    lw = p.add_argument_group("layerwise (Layer-wise Quantization: --bits is the high width)")
+    lw.add_argument("--score", choices=["lim", "zd", "random"], default="lim", help="layer ordering")
+    lw.add_argument("--low-bits", type=int, default=2)
+    lw.add_argument("--low-fraction", type=float, default=None, help="share of layers at --low-bits")
+    lw.add_argument("--target-bits", type=float, default=None, help="average width over layers")
+    lw.add_argument("--solver", choices=["gptq", "rtn"], default="gptq")
+    lw.add_argument("--profile", default=None, help="saved sensitivity profile to rank layers by")
 
 
 def _add_eval_args(p):
@@ -74,12 +81,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def make_config(args):
     from .config import GPTQConfig, RTNConfig
+    from .layerwise import LayerwiseQuantConfig
 
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, modules_to_not_convert=args.skip,
                   num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
     if args.method == "rtn":
         return RTNConfig(clip_grid=args.clip_grid or 0, **common)
     clip = 20 if args.clip_grid is None else args.clip_grid
+    if args.method == "layerwise":
+        common.pop("bits")
+        return LayerwiseQuantConfig(score=args.score, high_bits=args.bits, low_bits=args.low_bits,
+                                    low_fraction=args.low_fraction, target_bits=args.target_bits, solver=args.solver,
+                                    profile=args.profile, damp=args.damp, block_size=args.block_size,
+                                    act_order=not args.no_act_order, clip_grid=clip, **common)
     return GPTQConfig(damp=args.damp, block_size=args.block_size, act_order=not args.no_act_order, clip_grid=clip, **common)
 
 

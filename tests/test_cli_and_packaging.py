@@ -82,3 +82,11 @@ def test_cli_profile_writes_json_png_and_table(dense_dir, tmp_path, capsys):
     prof = json.loads((tmp_path / "prof" / "sensitivity_profile.json").read_text())
     assert len(prof["layers"]) == 2 and len(prof["modules"]) == 14
     assert (tmp_path / "prof" / "sensitivity_profile.png").stat().st_size > 1000
+
+
+def test_cli_layerwise_with_target_average(dense_dir, tmp_path):
+    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "layerwise", "--score", "zd",
+                 "--bits", "4", "--low-bits", "2", "--target-bits", "3", "--solver", "rtn", "--group-size", "32"]) == 0
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config
+    assert sorted(cfg.layer_bits) == [2, 4]
+    assert main(["quantize", str(dense_dir), str(tmp_path / "r"), "--method", "layerwise", "--target-bits", "5"]) == 2
