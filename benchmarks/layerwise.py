@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantization import HERE, _setup, versions  # noqa: E402  (shared protocol set-up)
+from _results import write_section  # noqa: E402
+from quantization import _setup, versions  # noqa: E402  (shared protocol set-up)
 
 TITLE = "## Layer-wise Quantization on SmolLM2-135M-Instruct (half the layers 4-bit, half 2-bit, GPTQ g64)"
 SCORES = ["lim", "zd", "random"]
@@ -60,17 +61,7 @@ def main() -> None:
              "important; random uses seed 0). Baseline at the same realised bits: uniform GPTQ 3-bit g64 in the section above.", "",
              "| ordering | perplexity | bits/weight | quantize time (s) | layers at 2 bits |", "|---|---|---|---|---|"]
     lines += [f"| {r['score']} | {r['perplexity']} | {r['bits_per_weight']} | {r['quantize_s']} | {r['low_layers']} |" for r in rows]
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS.md"
-    text = path.read_text()
-    start = text.find(TITLE)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
+    write_section(TITLE, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

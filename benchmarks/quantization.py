@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _results import write_section
+
 ROWS = ["fp32", "rtn:4", "gptq:4", "rtn:3", "gptq:3", "rtn:2", "gptq:2", "memory:sequential", "memory:whole"]
 GROUP = 64
 
@@ -135,17 +136,7 @@ def write_results(results: list[dict]) -> None:
             if k in mem:
                 label = "block by block (`run_sequential`)" if k == "sequential" else "one whole-model pass, hooks on every Linear"
                 lines.append(f"| {label} | {mem[k]['peak_rss_mb']} | {mem[k]['model_rss_mb']} | {mem[k]['seconds']} |")
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nEvery number here was measured by the command shown with it.\n\n"
-    start = text.find(lines[0])
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
+    write_section(lines[0], "\n".join(lines) + "\n")
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from _results import write_section
+
 HERE = Path(__file__).resolve().parent
 TITLE = "## Sensitivity profile of SmolLM2-135M-Instruct"
 
@@ -51,16 +53,7 @@ def render(profile_dir: Path) -> None:
         "Fisher diagonal from 8 windows. Plot: `benchmarks/smollm2_sensitivity.png`.", "",
         prof.table(), "",
     ])
-    path = HERE / "RESULTS.md"
-    text = path.read_text()
-    start = text.find(TITLE)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
+    write_section(TITLE, section)
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -1,14 +1,12 @@
 """CLI commands, the optimum-cli extension, and the built wheel used from outside the source tree."""
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from hf_compress.cli import main

@@ -1,6 +1,5 @@
 """Sensitivity profile: one calibration run, JSON round trip, model check, plot; the model stays unchanged."""
 
-import json
 
 import pytest
 import torch

@@ -1,0 +1,20 @@
+"""Write one titled section of benchmarks/RESULTS.md, replacing that section if it is already there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = "# Benchmark results\n\nEvery number here was measured by the command shown with it.\n\n"
+
+
+def write_section(title: str, section: str) -> None:
+    """``section`` must start with ``title`` (a ``## `` heading); other sections are kept as they are."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
