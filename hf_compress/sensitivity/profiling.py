@@ -193,17 +193,16 @@ def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_
 @torch.no_grad()
 def layer_lim_scores(model: nn.Module, batches: torch.Tensor) -> list[float]:
     """LIM of every decoder layer from one dense forward, block by block (no statistics, no solving)."""
-    from ..calibration.runner import capture_block_inputs
+    from ..calibration.runner import _block_output, _with_hidden, capture_block_inputs
 
     _, layers = decoder_layers(model)
     inputs = capture_block_inputs(model, layers, batches)
     scores = []
     for block in layers:
         hidden = [a[0] if a else k["hidden_states"] for a, k in inputs]
-        outs = [block(*a, **k) for a, k in inputs]
-        outs = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        outs = [_block_output(block(*a, **k)) for a, k in inputs]
         scores.append(lim_score(torch.cat(hidden), torch.cat(outs)))
-        inputs = [((o, *a[1:]), k) if a else (a, {**k, "hidden_states": o}) for (a, k), o in zip(inputs, outs)]
+        inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
     return scores
 
 
