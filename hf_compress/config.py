@@ -106,11 +106,12 @@ class HfcConfig(QuantizationConfigMixin):
         return {k: QuantSpec.from_dict(v) for k, v in self.plan.items()}
 
     # -- solving (overridden per method) -------------------------------------------------------------------
-    def solve(self, weight, stats, spec: QuantSpec):
+    def solve(self, weight, stats, spec: QuantSpec, name: str | None = None):
+        """Quantize one module's ``weight [out, in]`` to ``spec`` (``stats.hessian`` when calibrated)."""
         raise NotImplementedError
 
     def to_dict(self):
-        out = super().to_dict()
+        out = {k: v for k, v in super().to_dict().items() if not k.startswith("_")}  # transient solver state
         if isinstance(out.get("dataset"), (list, tuple)):
             out["dataset"] = f"<{len(out['dataset'])} in-memory strings>"
         return out
@@ -125,7 +126,7 @@ class RTNConfig(HfcConfig):
     def __init__(self, bits=4, group_size=128, sym=False, clip_grid=0, **kwargs):
         super().__init__(bits=bits, group_size=group_size, sym=sym, clip_grid=clip_grid, **kwargs)
 
-    def solve(self, weight, stats, spec):
+    def solve(self, weight, stats, spec, name=None):
         from .solvers.rtn import rtn_quantize
 
         return rtn_quantize(weight, spec, None if stats is None else stats.hessian, self.clip_grid)
@@ -154,11 +155,20 @@ class GPTQConfig(HfcConfig):
         super().__init__(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
                          act_order=act_order, clip_grid=clip_grid, **kwargs)
 
-    def solve(self, weight, stats, spec):
-        from .solvers.gptq import gptq_quantize
+    def solve(self, weight, stats, spec, name=None):
+        return run_solver("gptq", self, weight, stats, spec)
 
-        return gptq_quantize(weight, stats.hessian, spec, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, clip_grid=self.clip_grid)
+
+def run_solver(solver: str, config: HfcConfig, weight, stats, spec: QuantSpec, col_bits=None):
+    """Run ``"gptq"`` or ``"rtn"`` with the config's solver options; shared by every planner config."""
+    if solver == "rtn":
+        from .solvers.rtn import rtn_quantize
+
+        return rtn_quantize(weight, spec, None if stats is None else stats.hessian, config.clip_grid, col_bits=col_bits)
+    from .solvers.gptq import gptq_quantize
+
+    return gptq_quantize(weight, stats.hessian, spec, damp=config.damp, block_size=config.block_size,
+                         act_order=config.act_order, clip_grid=config.clip_grid, col_bits=col_bits)
 
 
 CONFIG_CLASSES = (RTNConfig, GPTQConfig)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .calibration.discovery import decoder_layers, quantizable_modules
-from .config import HfcConfig
+from .config import HfcConfig, run_solver
 from .formats.grid import QuantSpec
 
 SCORES = ("lim", "zd", "random")
@@ -99,11 +99,5 @@ class LayerwiseQuantConfig(HfcConfig):
                     plan[name] = QuantSpec(self.layer_bits[i], self.group_size, self.sym)
         return plan
 
-    def solve(self, weight, stats, spec):
-        from .solvers.gptq import gptq_quantize
-        from .solvers.rtn import rtn_quantize
-
-        if self.solver == "rtn":
-            return rtn_quantize(weight, spec, None if stats is None else stats.hessian, self.clip_grid)
-        return gptq_quantize(weight, stats.hessian, spec, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, clip_grid=self.clip_grid)
+    def solve(self, weight, stats, spec, name=None):
+        return run_solver(self.solver, self, weight, stats, spec)

@@ -27,12 +27,15 @@ def _bias_of(module: nn.Module):
     return None if getattr(module, "bias", None) is None else module.bias.detach()
 
 
-def _packed_from(name: str, module: nn.Module, config: HfcConfig, spec, stats, report: dict) -> PackedLinear:
+def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, stats, report: dict) -> PackedLinear:
     W = weight_matrix(module).detach()
     if not torch.isfinite(W).all():
         raise ValueError(f"weights of {name} contain NaN or inf; refusing to quantize them")
-    result = config.solve(W, stats, spec)
-    packed = PackedLinear.from_codes(result.codes, result.scales, result.zeros, spec, _bias_of(module))
+    result = config.solve(W, stats, plan[name], name=name)
+    spec = result.spec or plan[name]
+    if spec.is_mixed and spec != plan[name]:
+        raise ValueError(f"{name}: the solver stored bit groups {spec.bit_groups}, the plan asked for {plan[name].bit_groups}")
+    packed = PackedLinear.from_codes(result.codes, result.scales, result.zeros, spec, _bias_of(module), result.col_bits)
     packed.to(W.device)
     report[name] = {"output_error": result.output_error}
     return packed
@@ -67,7 +70,7 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     report: dict[str, dict] = {}
 
     def solve(name, module, stats):
-        return _packed_from(name, module, config, plan[name], stats, report)
+        return _packed_from(name, module, config, plan, stats, report)
 
     if config.solver_needs_statistics:
         run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress)
@@ -79,7 +82,11 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     if missing:
         raise ValueError(f"planned modules were never quantized (not reached by calibration?): {missing[:5]}")
     config.plan = {k: v.to_dict() for k, v in plan.items()}
-    config.report = {"seconds": round(time.perf_counter() - start, 2), "skipped": skipped, "modules": report}
+    from .plan import overall_bits, plan_rows
+
+    code_bits, bits = overall_bits(plan_rows(model))
+    config.report = {"seconds": round(time.perf_counter() - start, 2), "code_bits": round(code_bits, 4),
+                     "bits_per_weight": round(bits, 4), "skipped": skipped, "modules": report}
     attach_quantizer(model, config)
     return model
 

@@ -34,6 +34,11 @@ class HfcQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
+            from .formats.linear import PackedLinear
+
+            for mod in model.modules():  # per-column widths must agree with the plan (corrupt checkpoint?)
+                if isinstance(mod, PackedLinear) and mod.spec.is_mixed:
+                    mod.segments()
             return model
         from .pipeline import quantize
 
@@ -68,10 +73,16 @@ def build_packed_modules(model, plan, dtype=None) -> None:
         set_submodule(model, name, PackedLinear(in_f, out_f, spec, bias=has_bias, dtype=dtype, device="meta"))
 
 
-def register() -> None:
-    """Register every hf-compress config and the quantizer with transformers (idempotent)."""
+def all_config_classes() -> tuple:
+    from .baq import BAQConfig
+    from .high_impact import HighImpactConfig
     from .layerwise import LayerwiseQuantConfig
 
-    for cls in (*CONFIG_CLASSES, LayerwiseQuantConfig):
+    return (*CONFIG_CLASSES, LayerwiseQuantConfig, BAQConfig, HighImpactConfig)
+
+
+def register() -> None:
+    """Register every hf-compress config and the quantizer with transformers (idempotent)."""
+    for cls in all_config_classes():
         AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(cls.quant_method, cls)
         AUTO_QUANTIZER_MAPPING.setdefault(cls.quant_method, HfcQuantizer)

@@ -100,3 +100,22 @@ def subprocess_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **extra})
     return env
+
+
+FRESH_LOGITS = ("import sys, torch; from transformers import AutoModelForCausalLM;"
+                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
+                "torch.save(m(torch.tensor(eval(sys.argv[3]))).logits.detach(), sys.argv[2])")
+
+
+def fresh_process_logits(checkpoint, ids, workdir):
+    """Logits of ``checkpoint`` loaded by plain transformers in a new interpreter (never imports hf_compress)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    out = Path(workdir) / "fresh_logits.pt"
+    run = subprocess.run([sys.executable, "-c", FRESH_LOGITS, str(checkpoint), str(out), str(ids.tolist())],
+                         cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)

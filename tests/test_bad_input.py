@@ -14,7 +14,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 def test_config_validation():
     with pytest.raises(ValueError, match="unsupported bit width"):
-        GPTQConfig(bits=5)
+        GPTQConfig(bits=9)
     with pytest.raises(ValueError, match="group_size"):
         RTNConfig(group_size=0)
     with pytest.raises(ValueError, match="unknown options"):

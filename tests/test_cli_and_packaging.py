@@ -29,8 +29,8 @@ def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(dense_dir, tmp_path, capsys):
-    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "5"]) == 2
-    assert "unsupported bit width 5" in capsys.readouterr().err
+    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "9"]) == 2
+    assert "unsupported bit width 9" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
     assert main(["eval", str(tmp_path / "nope" / "model")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from hf_compress.kernels.reference import dequantize_reference
 from hf_compress.kernels.triton_dequant import dequantize_triton
 torch.manual_seed(0)
 cases = 0
-for bits in (2, 3, 4, 8):
+for bits in (1, 2, 3, 4, 5, 8):
     for sym in (False, True):
         for rows, cols, gs in ((5, 24, 8), (3, 37, 16), (17, 70, -1)):
             W = torch.randn(rows, cols)
@@ -27,6 +27,16 @@ for bits in (2, 3, 4, 8):
                 got = dequantize_triton(mod, dtype, block_r=4, block_c=16)
                 assert got.dtype == dtype and torch.equal(got, ref), (bits, sym, rows, cols, gs, dtype)
                 cases += 1
+from hf_compress.formats.columns import fit_column_grid, mixed_spec
+for sym in (False, True):  # mixed widths: one launch per bit-width segment, scattered back to column order
+    W = torch.randn(6, 45)
+    col_bits = torch.randint(1, 9, (45,), dtype=torch.uint8)
+    spec = mixed_spec(col_bits, 8, sym)
+    grid = fit_column_grid(W, spec, col_bits)
+    mod = PackedLinear.from_codes(grid.quantize(W), grid.scales, grid.zeros, spec, col_bits=col_bits)
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(dequantize_triton(mod, dtype, block_r=4, block_c=16), dequantize_reference(mod, dtype)), (sym, dtype)
+        cases += 1
 print("cases", cases)
 """
 
@@ -36,7 +46,7 @@ def test_triton_dequant_matches_reference_in_interpreter():
     run = subprocess.run([sys.executable, "-c", CHECK], env=subprocess_env(TRITON_INTERPRET="1"),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "cases 48" in run.stdout
+    assert "cases 76" in run.stdout
 
 
 def test_cpu_tensors_use_the_reference():

@@ -19,16 +19,35 @@ SCALE_DTYPE = torch.float16  # stored scale precision; codes are always computed
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What one module is quantized to: the unit of a plan."""
+    """What one module is quantized to: the unit of a plan.
+
+    ``bit_groups`` makes the width vary per input column: ``((bits, n_columns), …)`` in ascending width, e.g.
+    BAQ's allocation or high-impact channels. Which columns have which width is data (the module's
+    ``col_bits`` buffer); the plan only needs the counts to know every tensor's shape before loading.
+    ``bits`` is then the widest width.
+    """
 
     bits: int
     group_size: int = 128  # -1: one group per row
     sym: bool = False
+    bit_groups: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         check_bits(self.bits)
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
             raise ValueError(f"group_size must be a positive integer or -1 (per row), got {self.group_size!r}")
+        if self.bit_groups is not None:
+            widths = [b for b, _ in self.bit_groups]
+            for b, n in self.bit_groups:
+                check_bits(b)
+                if not isinstance(n, int) or n < 1:
+                    raise ValueError(f"bit group {b}-bit has {n!r} columns; counts must be positive integers")
+            if widths != sorted(set(widths)) or widths[-1] != self.bits:
+                raise ValueError(f"bit_groups {self.bit_groups} must list distinct widths in ascending order, the widest = bits ({self.bits})")
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.bit_groups is not None
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else -(-in_features // self.group_size)
@@ -36,15 +55,34 @@ class QuantSpec:
     def width(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def uniform(self, bits: int) -> "QuantSpec":
+        """The same grid at one width (a segment of a mixed spec)."""
+        return QuantSpec(bits, self.group_size, self.sym)
+
+    def code_bits(self, in_features: int) -> float:
+        """Average code width over the columns (excluding scales and zero points)."""
+        if not self.is_mixed:
+            return float(self.bits)
+        return sum(b * n for b, n in self.bit_groups) / in_features
+
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        out = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        if self.is_mixed:
+            out["bit_groups"] = {str(b): n for b, n in self.bit_groups}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "group_size", "sym"}
+        unknown = set(d) - {"bits", "group_size", "sym", "bit_groups"}
         if unknown:
             raise ValueError(f"unknown keys in a module's quantization spec: {sorted(unknown)}")
-        return cls(bits=d["bits"], group_size=d.get("group_size", 128), sym=d.get("sym", False))
+        groups = d.get("bit_groups")
+        if groups is not None:
+            try:
+                groups = tuple(sorted((int(b), n) for b, n in dict(groups).items()))
+            except (TypeError, ValueError):
+                raise ValueError(f"bit_groups must map widths to column counts, got {groups!r}") from None
+        return cls(bits=d["bits"], group_size=d.get("group_size", 128), sym=d.get("sym", False), bit_groups=groups)
 
 
 def _grouped(W: torch.Tensor, width: int, fill: float):

@@ -1,8 +1,8 @@
 """Bit-packing of integer codes into a flat uint8 stream.
 
-Codes are packed little-endian within each byte run, so that a stream of ``n`` codes of ``bits`` bits takes
-exactly ``ceil(n * bits / 8)`` bytes. 3-bit codes are packed 8 at a time into 3 bytes; 2/4/8-bit codes
-``8 // bits`` to a byte. The packed tensor is deliberately 1-D: no dense loader can mistake it for a weight
+Codes form one little-endian bitstream: code ``i`` occupies bits ``[i·b, i·b + b)``. Widths that divide 8 pack
+``8 // bits`` codes to a byte; the others (3, 5, 6, 7) pack 8 codes into ``bits`` bytes, so a stream is padded
+to whole runs only. The packed tensor is deliberately 1-D: no dense loader can mistake it for a weight
 matrix, so a checkpoint opened without hf-compress fails on shape instead of loading garbage.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def check_bits(bits: int) -> int:
@@ -22,9 +22,13 @@ def check_bits(bits: int) -> int:
 
 def packed_numel(n_codes: int, bits: int) -> int:
     """Bytes needed for ``n_codes`` codes of ``bits`` bits (the stream is padded to whole code runs)."""
-    codes_per_run = 8 if bits == 3 else 8 // bits
-    runs = -(-n_codes // codes_per_run)
-    return runs * (3 if bits == 3 else 1)
+    codes_per_run, run_bytes = _run(bits)
+    return -(-n_codes // codes_per_run) * run_bytes
+
+
+def _run(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packing run."""
+    return (8 // bits, 1) if 8 % bits == 0 else (8, bits)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -35,17 +39,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes out of range for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8)
-    run = 8 if bits == 3 else 8 // bits
+    run, run_bytes = _run(bits)
     pad = (-flat.numel()) % run
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, run)
-    shifts = torch.arange(run, dtype=torch.int32, device=flat.device) * bits
-    word = (groups << shifts).sum(dim=1)  # bits * run <= 24, fits in int32
-    if bits == 3:
-        out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(3)], dim=1)
-        return out.reshape(-1).to(torch.uint8)
-    return word.to(torch.uint8)
+    groups = flat.view(-1, run).to(torch.int64)
+    shifts = torch.arange(run, dtype=torch.int64, device=flat.device) * bits
+    word = (groups << shifts).sum(dim=1)  # at most 8 codes of 7 bits = 56 bits: fits in int64
+    if run_bytes == 1:
+        return word.to(torch.uint8)
+    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(run_bytes)], dim=1)
+    return out.reshape(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
@@ -58,14 +62,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[:n_codes]
-    raw = packed.to(torch.int32)
-    if bits == 3:
-        triples = raw.view(-1, 3)
-        word = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-        run = 8
-    else:
-        word = raw
-        run = 8 // bits
-    shifts = torch.arange(run, dtype=torch.int32, device=packed.device) * bits
+    run, run_bytes = _run(bits)
+    raw = packed.to(torch.int64).view(-1, run_bytes)
+    word = raw[:, 0]
+    for i in range(1, run_bytes):
+        word = word | (raw[:, i] << (8 * i))
+    shifts = torch.arange(run, dtype=torch.int64, device=packed.device) * bits
     codes = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n_codes].to(torch.uint8)

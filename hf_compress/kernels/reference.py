@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.columns import scatter_columns
 from ..formats.grid import dequantize_weight
 
 
 def dequantize_reference(module, dtype=torch.float32) -> torch.Tensor:
-    return dequantize_weight(module.codes(), module.scales, module.zeros(), module.spec, dtype=dtype)
+    segs = module.segments()
+    parts = [dequantize_weight(codes, scales, zeros, seg.spec, dtype=dtype)
+             for seg, codes, (_, _, scales, _), zeros in zip(segs, module.segment_codes(), module.segment_tensors(), module.segment_zeros())]
+    return scatter_columns(parts, segs, module.in_features)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats.columns import scatter_columns
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -43,15 +45,20 @@ def _dequant_kernel(codes_ptr, scales_ptr, zeros_ptr, out_ptr, rows, cols, group
 
 
 def dequantize_triton(module, dtype=torch.float32, block_r: int = 16, block_c: int = 64) -> torch.Tensor:
-    """Dense ``[out, in]`` weight of ``module`` in ``dtype`` (fp32, fp16 or bf16)."""
+    """Dense ``[out, in]`` weight of ``module`` in ``dtype`` (fp32, fp16 or bf16); one launch per width segment."""
     if dtype not in _TL_DTYPES:
         raise TypeError(f"Triton dequantize supports {list(_TL_DTYPES)}, not {dtype}")
-    rows, cols = module.out_features, module.in_features
-    spec = module.spec
-    out = torch.empty(rows, cols, dtype=dtype, device=module.weight.device)
-    zeros = module.weight if module.qzeros is None else module.qzeros  # unused when symmetric
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    _dequant_kernel[grid](module.weight, module.scales, zeros, out, rows, cols, module.scales.shape[1],
-                          spec.width(cols), module.weight.numel(), zeros.numel(),
-                          BITS=spec.bits, SYM=spec.sym, OUT_DTYPE=_TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c)
-    return out
+    rows = module.out_features
+    parts, segs = [], []
+    for seg, codes, scales, zeros in module.segment_tensors():
+        cols, spec = seg.n_cols, seg.spec
+        out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
+        scales = scales.contiguous()
+        zeros = codes if zeros is None else zeros  # unused when symmetric
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        _dequant_kernel[grid](codes, scales, zeros, out, rows, cols, scales.shape[1], spec.width(cols), codes.numel(),
+                              zeros.numel(), BITS=spec.bits, SYM=spec.sym, OUT_DTYPE=_TL_DTYPES[dtype],
+                              BLOCK_R=block_r, BLOCK_C=block_c)
+        parts.append(out)
+        segs.append(seg)
+    return scatter_columns(parts, segs, module.in_features)

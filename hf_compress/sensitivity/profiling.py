@@ -2,7 +2,8 @@
 
 Per decoder layer: LIM (block input/output cosine), ZD (weight z-score share), a Fisher estimate of the loss
 increase from quantizing the layer, and the summed GPTQ loss. Per module: GPTQ column losses (BAQ's Hessian
-proxy), the relative output error and the Fisher estimate at a reference grid. The model is left unchanged:
+proxy), per-column Fisher sums (high-impact channels), the relative output error and the Fisher estimate at a
+reference grid. The model is left unchanged:
 GPTQ runs against each module's Hessian, but its result is only measured, never written back.
 """
 
@@ -35,7 +36,8 @@ class SensitivityProfile:
     model_type: str
     reference: dict  # the grid the losses were measured at: {"bits", "group_size", "sym"}
     layers: list[dict] = field(default_factory=list)  # [{"index", "lim", "zd", "fisher", "gptq_loss"}]
-    modules: dict[str, dict] = field(default_factory=dict)  # name -> {"layer", "shape", "output_error", ...}
+    # name -> {"layer", "shape", "output_error", "gptq_loss", "fisher", "column_loss", "column_fisher"}
+    modules: dict[str, dict] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON (atomically) to ``path``, or to ``path/sensitivity_profile.json`` for a folder."""
@@ -71,6 +73,13 @@ class SensitivityProfile:
         if missing or extra or wrong:
             raise ValueError(f"sensitivity profile does not match this model: missing {missing[:3]}, "
                              f"unprofiled {extra[:3]}, shape mismatch {wrong[:3]}")
+
+    def module_vector(self, name: str, key: str) -> torch.Tensor:
+        """A per-column vector of one module (``"column_loss"`` or ``"column_fisher"``), checked for presence."""
+        values = self.modules.get(name, {}).get(key)
+        if not values:
+            raise ValueError(f"sensitivity profile has no {key!r} for {name}: re-run `profile` (with fisher_samples > 0 for Fisher)")
+        return torch.tensor(values, dtype=torch.float64)
 
     def layer_scores(self, name: str) -> list[float]:
         if not self.layers or name not in self.layers[0]:
@@ -144,8 +153,8 @@ def _fisher_diagonals(model, batches, names, samples: int, progress: bool) -> di
     return {k: v / n if isinstance(mods[k], nn.Linear) else (v / n).t() for k, v in acc.items()}
 
 
-def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_size: int = 64, sym: bool = False,
-            fisher_samples: int = 8, progress: bool = True) -> SensitivityProfile:
+def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, group_size: int = 64, sym: bool = False,
+            fisher_samples: int = 8, progress: bool = True, batches: torch.Tensor | None = None) -> SensitivityProfile:
     """Measure a :class:`SensitivityProfile` of ``model`` (left unchanged) on ``calibration``.
 
     Args:
@@ -154,9 +163,13 @@ def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_
         tokenizer: the model's tokenizer.
         bits, group_size, sym: the reference grid GPTQ losses and Fisher estimates are measured at.
         fisher_samples: calibration windows used for the Fisher diagonal (0 skips it; scores are then 0).
+        batches: already tokenized calibration windows ``[n, seq_len]`` (instead of ``calibration``).
     """
     spec = QuantSpec(bits, group_size, sym)
-    batches = calibration_batches(calibration, tokenizer)
+    if batches is None:
+        if calibration is None:
+            raise ValueError("profile needs calibration data: pass `calibration=` (or tokenized `batches=`)")
+        batches = calibration_batches(calibration, tokenizer)
     prefix, layers = decoder_layers(model)
     names = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers)]
     fisher = _fisher_diagonals(model, batches, names, fisher_samples, progress) if fisher_samples > 0 else {}
@@ -173,6 +186,7 @@ def profile(model: nn.Module, calibration, tokenizer=None, bits: int = 3, group_
             "gptq_loss": _round(float(res.column_loss.sum())),
             "fisher": _round(fisher_loss_increase(fisher[name], delta)) if name in fisher else 0.0,
             "column_loss": [_round(v) for v in res.column_loss.tolist()],
+            "column_fisher": [_round(v) for v in fisher[name].sum(0).tolist()] if name in fisher else [],
         }
         return None  # measure only: the model keeps its dense weights
 

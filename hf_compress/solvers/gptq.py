@@ -12,6 +12,8 @@ Levers beyond the textbook version, each optional:
   worse at 2-3 bits on our tests (``static_groups=False`` keeps the textbook behaviour).
 - ``clip_grid``: per-group range shrinking that minimises the ``diag(H)``-weighted error (see ``grid``).
 - column losses ``(w − ŵ)² / d_j²`` are returned, as BAQ's Hessian proxy needs them.
+- ``col_bits``: a width per input column (BAQ, high-impact channels); grids then live in bit-width segments
+  (see ``formats.columns``) and are always static.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.columns import fit_column_grid, mixed_spec
 from ..formats.grid import QuantSpec, group_params, quantize_column
 
 
 @dataclass
 class SolverResult:
     codes: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # float [out, groups]
-    zeros: torch.Tensor  # float (integer-valued) [out, groups]
+    scales: torch.Tensor  # float [out, groups] (mixed widths: [out, Σ groups] in segment order)
+    zeros: torch.Tensor  # float (integer-valued), like scales
     column_loss: torch.Tensor | None = None  # [in], GPTQ's per-column loss
     output_error: float | None = None  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)
+    spec: QuantSpec | None = None  # what was stored, when it differs from the requested spec (mixed widths)
+    col_bits: torch.Tensor | None = None  # uint8 [in], mixed widths only
+
+
+def column_spec(spec: QuantSpec, col_bits: torch.Tensor | None) -> QuantSpec:
+    """The spec to store for ``col_bits`` on ``spec``'s grid (``spec`` itself when no widths are given)."""
+    return spec if col_bits is None else mixed_spec(col_bits, spec.group_size, spec.sym)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -65,6 +75,7 @@ def gptq_quantize(
     act_order: bool = True,
     static_groups: bool = True,
     clip_grid: int = 0,
+    col_bits: torch.Tensor | None = None,
 ) -> SolverResult:
     """Quantize ``W [out, in]`` against Hessian ``H [in, in]``; returns codes in the original column order."""
     if H.shape != (W.shape[1], W.shape[1]):
@@ -80,13 +91,18 @@ def gptq_quantize(
     W[:, dead] = 0
     importance = torch.diag(H).clone()
     width = spec.width(n)
-    static = static_groups or act_order
+    if col_bits is not None and col_bits.numel() != n:
+        raise ValueError(f"col_bits has {col_bits.numel()} widths for a weight with {n} input columns")
+    spec = column_spec(spec, col_bits)
+    static = static_groups or act_order or spec.is_mixed
 
     n_groups = spec.groups(n)
     scales = torch.zeros(W.shape[0], n_groups)
     zeros = torch.zeros(W.shape[0], n_groups)
+    grid = None
     if static:
-        scales, zeros = group_params(W, spec, importance, clip_grid)
+        grid = fit_column_grid(W, spec, col_bits, importance, clip_grid)
+        scales, zeros = grid.scales, grid.zeros
 
     perm = torch.argsort(importance, descending=True) if act_order else torch.arange(n)
     W = W[:, perm]
@@ -109,7 +125,12 @@ def gptq_quantize(
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             w = W1[:, i]
             d = U1[i, i]
-            q, w_hat = quantize_column(w, scales[:, g], zeros[:, g], spec.bits)
+            if grid is not None:
+                q = grid.quantize(w.unsqueeze(1), slice(col, col + 1))
+                w_hat = grid.dequantize(q, slice(col, col + 1)).squeeze(1)
+                q = q.squeeze(1)
+            else:
+                q, w_hat = quantize_column(w, scales[:, g], zeros[:, g], spec.bits)
             codes[:, i1 + i] = q.to(torch.uint8)
             err = (w - w_hat) / d
             losses[col] = float((err**2).sum() / 2)
@@ -119,7 +140,12 @@ def gptq_quantize(
 
     out_codes = torch.empty_like(codes)
     out_codes[:, perm] = codes
-    from ..formats.grid import dequantize_weight
+    if grid is not None:
+        W_hat = grid.dequantize(out_codes)
+    else:
+        from ..formats.grid import dequantize_weight
 
-    W_hat = dequantize_weight(out_codes, scales, zeros, spec)
-    return SolverResult(out_codes, scales, zeros, losses, relative_output_error(W0, W_hat, H))
+        W_hat = dequantize_weight(out_codes, scales, zeros, spec)
+    mixed = spec.is_mixed
+    return SolverResult(out_codes, scales, zeros, losses, relative_output_error(W0, W_hat, H),
+                        spec if mixed else None, col_bits.to(torch.uint8) if mixed else None)

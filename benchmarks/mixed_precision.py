@@ -1,0 +1,177 @@
+"""Mixed precision on SmolLM2-135M-Instruct: perplexity against realised bits for every planner on one profile.
+
+Uniform GPTQ, BAQ (column and module granularity), Layer-wise Quantization (3/2-bit mixes ranked by LIM, ZD and a
+random control) and high-impact ratios, all GPTQ group 64, protocol of benchmarks/quantization.py. Pass 1 (the
+sensitivity profile: GPTQ column losses, LIM, ZD, Fisher) is measured once and every planner reads it; its time is
+reported on its own row. Each row runs in its own process; finished rows are kept in a cache folder, so an
+interrupted run resumes.
+
+    python benchmarks/mixed_precision.py                 # every missing row, then the table and the plot
+    python benchmarks/mixed_precision.py --only baq:col:3.0 gptq:3   # just these rows (then the table)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+from quantization import _setup, versions  # noqa: E402  (shared protocol set-up)
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("HF_COMPRESS_BENCH_CACHE", Path.home() / ".cache" / "hf_compress" / "bench_mixed_precision"))
+TITLE = "## Mixed precision on SmolLM2-135M-Instruct: perplexity against realised bits (GPTQ g64)"
+GROUP = 64
+# In priority order: the acceptance comparisons first.
+ROWS = ["profile", "baq:col:3.0", "gptq:3", "baq:col:2.5", "lw:lim:2.5", "lw:zd:2.5", "lw:random:2.5",
+        "baq:mod:2.5", "baq:mod:3.0", "hi:2-3:2.1", "hi:3-4:3.1", "gptq:2", "gptq:4", "baq:col:2.25", "baq:col:3.5"]
+
+
+def profile_dir() -> Path:
+    return CACHE / "profile"
+
+
+def config_for(row: str):
+    import hf_compress
+
+    kind, *args = row.split(":")
+    prof = str(profile_dir())
+    if kind == "gptq":
+        return hf_compress.GPTQConfig(bits=int(args[0]), group_size=GROUP)
+    if kind == "baq":
+        return hf_compress.BAQConfig(target_bits=float(args[1]), granularity={"col": "column", "mod": "module"}[args[0]],
+                                     group_size=GROUP, profile=prof)
+    if kind == "lw":
+        return hf_compress.LayerwiseQuantConfig(score=args[0], high_bits=3, low_bits=2, target_bits=float(args[1]),
+                                                group_size=GROUP, profile=prof)
+    if kind == "hi":
+        low, high = map(int, args[0].split("-"))
+        return hf_compress.HighImpactConfig(target_bits=float(args[1]), low_bits=low, high_bits=high, group_size=GROUP,
+                                            profile=prof)
+    raise ValueError(f"unknown row {row!r}")
+
+
+def run_row(row: str) -> dict:
+    import hf_compress
+    from hf_compress.calibration.data import default_text_source
+    from hf_compress.evaluation import perplexity
+    from hf_compress.report import size_report
+
+    model, tok, calib = _setup()
+    t = time.perf_counter()
+    if row == "profile":
+        hf_compress.profile(model, calib, tok, bits=3, group_size=GROUP, fisher_samples=8).save(profile_dir())
+        return {"row": row, "quantize_s": round(time.perf_counter() - t, 1)}
+    config = config_for(row)
+    hf_compress.quantize(model, config, calibration=calib, tokenizer=tok)
+    seconds = time.perf_counter() - t
+    report = size_report(model)
+    planned = [(spec, model.get_submodule(n)) for n, spec in config.plan_specs().items()]
+    code_bits = sum(s.code_bits(m.in_features) * m.in_features * m.out_features for s, m in planned) / report.quantized_weights
+    return {"row": row, "perplexity": round(perplexity(model, tok, default_text_source("test"), 512, 40), 3),
+            "bits_per_weight": round(report.bits_per_weight, 3), "code_bits": round(code_bits, 3),
+            "quantize_s": round(seconds, 1)}
+
+
+def ensure_row(row: str) -> dict:
+    path = CACHE / f"{row.replace(':', '_')}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if row != "profile" and not (profile_dir() / "sensitivity_profile.json").exists():
+        ensure_row("profile")
+    proc = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"row {row} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(line[7:])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    print(result, flush=True)
+    return result
+
+
+LABELS = {"gptq": "uniform GPTQ", "baq:col": "BAQ (column)", "baq:mod": "BAQ (module)", "lw:lim": "Layer-wise LIM 3/2",
+          "lw:zd": "Layer-wise ZD 3/2", "lw:random": "Layer-wise random 3/2", "hi": "high-impact ratios"}
+
+
+def label(row: str) -> str:
+    for key in sorted(LABELS, key=len, reverse=True):
+        if row.startswith(key):
+            return LABELS[key]
+    return row
+
+
+def write_results(results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list] = {}
+    for row, r in results.items():
+        if "perplexity" in r:
+            series.setdefault(label(row), []).append((r["bits_per_weight"], r["perplexity"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("realised bits per weight (codes + scales + zero points + column widths)")
+    ax.set_ylabel("WikiText-2 perplexity (40 × 512)")
+    ax.set_title("SmolLM2-135M-Instruct, GPTQ group 64")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "smollm2_mixed_precision.png", dpi=110)
+    plt.close(fig)
+
+    prof = results.get("profile", {}).get("quantize_s", "not measured")
+    lines = [TITLE, "",
+             f"Command: `python benchmarks/mixed_precision.py` · machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU · "
+             f"{versions()} · date: {datetime.date.today().isoformat()}", "",
+             "Protocol as in the quantization section (WikiText-2 test 40 × 512; calibration 32 × 512 of WikiText-2 valid, seed 0). "
+             "Every planner reads one sensitivity profile (pass 1: GPTQ 3-bit g64 column losses, LIM, ZD, Fisher from 8 windows), "
+             f"measured once in {prof} s and not included in the per-row times. Code bits: mean code width; bits/weight adds fp16 "
+             "scales, packed zero points and the per-column width bytes. Layer-wise rows move the least important layers from "
+             "3 to 2 bits. High-impact rows: low/high widths, Fisher-ranked input channels, ratios {2, 5, 10, 15, 20} %.", "",
+             "![perplexity against bits](smollm2_mixed_precision.png)", "",
+             "| method | row | code bits | bits/weight | perplexity | quantize time (s) |", "|---|---|---|---|---|---|"]
+    for row in ROWS[1:]:
+        r = results.get(row)
+        if r is None:
+            lines.append(f"| {label(row)} | `{row}` | not measured | not measured | not measured | not measured |")
+        else:
+            lines.append(f"| {label(row)} | `{row}` | {r['code_bits']} | {r['bits_per_weight']} | {r['perplexity']} | {r['quantize_s']} |")
+    write_section(TITLE, "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--row")
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--table-only", action="store_true", help="write the table from cached rows, run nothing")
+    args = parser.parse_args()
+    if args.row:
+        print("RESULT " + json.dumps(run_row(args.row)), flush=True)
+        return
+    results = {}
+    for row in ROWS:
+        path = CACHE / f"{row.replace(':', '_')}.json"
+        if args.table_only or (args.only and row not in args.only):
+            if path.exists():
+                results[row] = json.loads(path.read_text())
+            continue
+        results[row] = ensure_row(row)
+    write_results(results)
+
+
+if __name__ == "__main__":
+    main()
