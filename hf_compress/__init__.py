@@ -18,6 +18,8 @@ _LAZY = {
     "LayerwiseQuantConfig": "hf_compress.layerwise",
     "BAQConfig": "hf_compress.baq",
     "HighImpactConfig": "hf_compress.high_impact",
+    "RSQConfig": "hf_compress.rsq",
+    "rotate_model": "hf_compress.rotation",
     "plan_table": "hf_compress.plan",
     "plot_plan": "hf_compress.plan",
     "CalibrationSpec": "hf_compress.calibration.data",

@@ -17,7 +17,7 @@ from .formats.grid import QuantSpec
 
 _COMMON_KEYS = {
     "bits", "group_size", "sym", "modules_to_not_convert", "dataset", "num_samples", "seq_len", "seed",
-    "tokenizer", "plan", "quant_method", "report",
+    "tokenizer", "plan", "quant_method", "report", "rotate", "rotation_seed", "token_weighting", "r_min",
 }
 
 
@@ -35,6 +35,10 @@ class HfcConfig(QuantizationConfigMixin):
         tokenizer: tokenizer name or path for quantize-on-load (default: the model's own path).
         plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
             widths per module); otherwise quantization fills it in. Loading reads nothing else.
+        rotate, rotation_seed: fold norms and rotate the residual stream before quantizing (RSQ/QuaRot; Llama
+            family). The checkpoint stays a plain model with untied, rotated weights.
+        token_weighting: ``"attention"`` weights each token's Hessian contribution by the attention it receives
+            (RSQ); ``r_min`` is the smallest weight. Needs a calibrated solver.
     """
 
     quant_method = "hfc_base"
@@ -42,7 +46,8 @@ class HfcConfig(QuantizationConfigMixin):
     needs_calibration = False
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
-                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, **kwargs):
+                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, rotate=False,
+                 rotation_seed=0, token_weighting=None, r_min=0.01, **kwargs):
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym = bits, group_size, sym
         QuantSpec(bits, group_size, sym)  # validates eagerly: a bad config fails at construction
@@ -51,6 +56,11 @@ class HfcConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.plan = None if plan is None else {k: QuantSpec.from_dict(v).to_dict() for k, v in plan.items()}
         self.report = report
+        if token_weighting not in (None, "attention"):
+            raise ValueError(f"token_weighting must be None or 'attention', got {token_weighting!r}")
+        if not 0 < r_min <= 1:
+            raise ValueError(f"r_min must be in (0, 1], got {r_min}")
+        self.rotate, self.rotation_seed, self.token_weighting, self.r_min = bool(rotate), rotation_seed, token_weighting, r_min
         unknown = set(kwargs) - set(self.method_keys) - _COMMON_KEYS
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown options {sorted(unknown)}")

@@ -62,6 +62,13 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         if spec is None:
             raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
         batches = calibration_batches(spec, tokenizer or _tokenizer_for(model, config))
+    if config.token_weighting and not config.solver_needs_statistics:
+        raise ValueError(f"token_weighting={config.token_weighting!r} weights calibration Hessians; "
+                         f"{type(config).__name__} with this solver uses none")
+    if config.rotate:
+        from .rotation import rotate_model
+
+        rotate_model(model, config.rotation_seed)
     plan = config.resolve_plan(model, batches)
     _, layers = decoder_layers(model)
     skipped = unsupported_weight_modules(layers)
@@ -73,7 +80,12 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         return _packed_from(name, module, config, plan, stats, report)
 
     if config.solver_needs_statistics:
-        run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress)
+        weights = None
+        if config.token_weighting == "attention":
+            from .rsq import attention_token_weights
+
+            weights = attention_token_weights(config.r_min)
+        run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=weights)
     else:
         for name in tqdm(list(plan), desc="Quantizing modules", disable=not progress):
             module = model.get_submodule(name)

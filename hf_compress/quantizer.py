@@ -77,8 +77,9 @@ def all_config_classes() -> tuple:
     from .baq import BAQConfig
     from .high_impact import HighImpactConfig
     from .layerwise import LayerwiseQuantConfig
+    from .rsq import RSQConfig
 
-    return (*CONFIG_CLASSES, LayerwiseQuantConfig, BAQConfig, HighImpactConfig)
+    return (*CONFIG_CLASSES, LayerwiseQuantConfig, BAQConfig, HighImpactConfig, RSQConfig)
 
 
 def register() -> None:

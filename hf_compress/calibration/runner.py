@@ -118,15 +118,20 @@ def discover_groups(block: nn.Module, targets: dict[str, nn.Module], sample) -> 
     return groups
 
 
-def collect_stats(block, modules: dict[str, nn.Module], inputs, prefix: str) -> dict[str, ModuleStats]:
-    """Accumulate Hessians for ``modules`` over all samples, stopping each pass after the last one fires."""
+def collect_stats(block, modules: dict[str, nn.Module], inputs, prefix: str, weights=None) -> dict[str, ModuleStats]:
+    """Accumulate Hessians for ``modules`` over all samples, stopping each pass after the last one fires.
+
+    ``weights`` (one ``[tokens]`` tensor per sample, mean 1) make it ``H = 2/N · Σ_t w_t x_t x_tᵀ`` (RSQ)."""
     stats = {n: ModuleStats(torch.zeros(_weight_in(m), _weight_in(m))) for n, m in modules.items()}
     remaining: set[str] = set()
+    current: list[torch.Tensor | None] = [None]
 
     def hook(_m, inp, _out, name):
         x = inp[0].detach()
         _check_finite(f"{prefix}.{name}", x)
         x = x.reshape(-1, x.shape[-1]).float()
+        if current[0] is not None:
+            x = x * current[0].reshape(-1, 1).sqrt()
         st = stats[name]
         total = st.tokens + x.shape[0]
         st.hessian.mul_(st.tokens / total).add_(x.T @ x, alpha=2.0 / total)
@@ -138,8 +143,9 @@ def collect_stats(block, modules: dict[str, nn.Module], inputs, prefix: str) -> 
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in modules.items()]
     try:
         with torch.no_grad():
-            for args, kwargs in inputs:
+            for i, (args, kwargs) in enumerate(inputs):
                 remaining.update(modules)
+                current[0] = None if weights is None else weights[i].to(torch.float32)
                 try:
                     block(*args, **kwargs)
                 except _StopForward:
@@ -157,6 +163,7 @@ def run_sequential(
     solve: Callable[[str, nn.Module, ModuleStats], nn.Module | None],
     progress: bool = True,
     on_block: Callable[[int, list, list], None] | None = None,
+    token_weights: Callable[[nn.Module, list], list[torch.Tensor]] | None = None,
 ) -> None:
     """Calibrate and solve ``model`` block by block.
 
@@ -167,14 +174,16 @@ def run_sequential(
         solve: ``(full_name, module, stats) -> replacement or None``; called once per target module.
         on_block: ``(index, inputs, outputs)`` after each block, with the per-sample hidden states entering and
             leaving it (e.g. for block-level sensitivity such as LIM).
+        token_weights: ``(block, inputs) -> [tokens] weights per sample``, computed once per block on its
+            (already partially quantized) inputs and applied to every module's Hessian (RSQ's token importance).
     """
     if batches.numel() == 0:
         raise ValueError("calibration set is empty: no token windows")
     with dequantization_cache():
-        _run_sequential(model, batches, is_target, solve, progress, on_block)
+        _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights)
 
 
-def _run_sequential(model, batches, is_target, solve, progress, on_block):
+def _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights=None):
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -186,7 +195,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block):
     try:
         for idx, block in enumerate(layers[: last + 1]):
             block_name = f"{prefix}.{idx}"
-            for rel in _solve_block(block, block_name, inputs, is_target, solve):
+            weights = None if token_weights is None else token_weights(block, inputs)
+            for rel in _solve_block(block, block_name, inputs, is_target, solve, weights):
                 bar.set_postfix_str(rel)
             with torch.no_grad():
                 new_inputs, outputs = [], []
@@ -204,12 +214,12 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block):
         model.train(was_training)
 
 
-def _solve_block(block, block_name, inputs, is_target, solve):
+def _solve_block(block, block_name, inputs, is_target, solve, weights=None):
     targets = {rel: m for rel, m in quantizable_modules(block) if is_target(f"{block_name}.{rel}", m)}
     if not targets:
         return
     for group in discover_groups(block, targets, inputs[0]):
-        stats = collect_stats(block, {n: targets[n] for n in group}, inputs, block_name)
+        stats = collect_stats(block, {n: targets[n] for n in group}, inputs, block_name, weights)
         for rel in group:
             replacement = solve(f"{block_name}.{rel}", targets[rel], stats.pop(rel))
             if replacement is not None:

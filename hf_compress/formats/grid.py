@@ -101,7 +101,8 @@ def _params_from_range(lo, hi, spec: QuantSpec):
         lo = -hi
     lo = torch.minimum(lo, torch.zeros_like(lo))  # keep 0 representable so the zero point lies on the grid
     hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / maxq).clamp(min=1e-8).to(SCALE_DTYPE).float()
+    # clamp *after* the cast: a range below fp16's smallest subnormal would otherwise store a zero scale
+    scale = ((hi - lo) / maxq).to(SCALE_DTYPE).float().clamp(min=2.0**-24)
     if spec.sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
