@@ -35,7 +35,8 @@ def planned_module_names(config: HfcConfig, model: nn.Module) -> list[str]:
 
 
 def load_or_measure_profile(config: HfcConfig, model: nn.Module, batches, reference_bits: int, fisher_samples: int = 0):
-    """The config's saved profile (checked against ``model``), or one measured now on ``batches``."""
+    """The config's saved profile (checked against ``model``), or one measured now on ``batches`` over the
+    modules the config plans to quantize."""
     from .sensitivity import SensitivityProfile
     from .sensitivity.profiling import profile
 
@@ -47,7 +48,7 @@ def load_or_measure_profile(config: HfcConfig, model: nn.Module, batches, refere
         raise ValueError(f"{type(config).__name__} needs calibration data or a saved `profile=`")
     logger.info("hf-compress: measuring a sensitivity profile (pass 1) at %d bits", reference_bits)
     return profile(model, batches=batches, bits=reference_bits, group_size=config.group_size, sym=config.sym,
-                   fisher_samples=fisher_samples)
+                   fisher_samples=fisher_samples, modules=planned_module_names(config, model))
 
 
 class BAQConfig(HfcConfig):

@@ -154,7 +154,8 @@ def _fisher_diagonals(model, batches, names, samples: int, progress: bool) -> di
 
 
 def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, group_size: int = 64, sym: bool = False,
-            fisher_samples: int = 8, progress: bool = True, batches: torch.Tensor | None = None) -> SensitivityProfile:
+            fisher_samples: int = 8, progress: bool = True, batches: torch.Tensor | None = None,
+            modules: list[str] | None = None) -> SensitivityProfile:
     """Measure a :class:`SensitivityProfile` of ``model`` (left unchanged) on ``calibration``.
 
     Args:
@@ -164,6 +165,8 @@ def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, g
         bits, group_size, sym: the reference grid GPTQ losses and Fisher estimates are measured at.
         fisher_samples: calibration windows used for the Fisher diagonal (0 skips it; scores are then 0).
         batches: already tokenized calibration windows ``[n, seq_len]`` (instead of ``calibration``).
+        modules: measure only these modules (a planner's pass 1 over the modules it quantizes); blocks after
+            the last of them are not run.
     """
     spec = QuantSpec(bits, group_size, sym)
     if batches is None:
@@ -172,6 +175,11 @@ def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, g
         batches = calibration_batches(calibration, tokenizer)
     prefix, layers = decoder_layers(model)
     names = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers)]
+    if modules is not None:
+        unknown = sorted(set(modules) - set(names))
+        if unknown:
+            raise ValueError(f"cannot profile modules that are not decoder linears of this model: {unknown[:3]}")
+        names = [n for n in names if n in set(modules)]
     fisher = _fisher_diagonals(model, batches, names, fisher_samples, progress) if fisher_samples > 0 else {}
     result = SensitivityProfile(getattr(model.config, "model_type", type(model).__name__), spec.to_dict())
 
