@@ -7,6 +7,7 @@ so the interpreter-start hook that makes checkpoints load without this import st
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -35,9 +36,44 @@ _LAZY = {
 __all__ = [*_LAZY, "register", "__version__"]
 
 
-def register() -> None:
-    """Register hf-compress's methods with transformers; safe to call any number of times."""
-    importlib.import_module("hf_compress.quantizer").register()
+def register() -> bool:
+    """Register hf-compress's methods with transformers (and PEFT, once imported); safe to call any number of
+    times. Returns whether everything that needs transformers is registered.
+
+    The architectures subclass transformers models, so they register only once transformers' modelling code can
+    be imported; when this runs from inside transformers' own import, the interpreter-start hook retries as
+    transformers' modules finish loading.
+    """
+    global _registering
+    if _registering:  # re-entered from transformers' import while we import it; the outer call finishes
+        return False
+    _registering = True
+    try:
+        if _initializing(("transformers", "hf_compress.recursive", "peft")):
+            return False
+        importlib.import_module("hf_compress.quantizer").register()
+        importlib.import_module("hf_compress.recursive.modeling").register()
+        if "peft" in sys.modules:
+            importlib.import_module("hf_compress.recursive.relaxed_lora").register()
+        return True
+    finally:
+        _registering = False
+
+
+def peft_registered() -> bool:
+    module = sys.modules.get("hf_compress.recursive.relaxed_lora")
+    return module is not None and module.is_registered()
+
+
+_registering = False
+
+
+def _initializing(prefixes) -> bool:
+    """Whether a module under one of ``prefixes`` is half-imported (importing from it would fail)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefixes) and getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return True
+    return False
 
 
 def __getattr__(name):

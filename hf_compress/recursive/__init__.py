@@ -1,0 +1,37 @@
+"""Relaxed Recursive Transformers: shared-layer models (a registered architecture), relaxed per-position LoRA
+(a PEFT method), early exit and continuous depth-wise batching.
+
+Submodules load lazily: the configuration must be importable while transformers itself is still importing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "convert": "conversion",
+    "RecursiveLlamaConfig": "configuration",
+    "RecursiveLlamaForCausalLM": "modeling",
+    "register": "modeling",
+    "init_sources": "sharing",
+    "loop_boundaries": "sharing",
+    "position_groups": "sharing",
+    "relax": "relaxed_lora",
+    "relaxed_lora_config": "relaxed_lora",
+    "RelaxedRecursiveLoraConfig": "relaxed_lora",
+    "save_relaxed": "relaxed_lora",
+    "to_llama": "relaxed_lora",
+    "loop_logits": "early_exit",
+    "oracle_exit_loops": "early_exit",
+    "confidence_exit_loops": "early_exit",
+    "early_exit_generate": "early_exit",
+    "simulate_throughput": "early_exit",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
