@@ -85,6 +85,11 @@ def test_conversion_shares_blocks_as_initialised(scheme, init):
             assert layers[p].mlp.up_proj.weight is layers[positions[0]].mlp.up_proj.weight
             assert layers[p].input_layernorm.weight is layers[positions[0]].input_layernorm.weight
         torch.testing.assert_close(layers[positions[0]].mlp.up_proj.weight, expected)
+    with torch.no_grad():  # the copy owns its storage: training it must not move the original
+        for p in recursive.parameters():
+            p.add_(1.0)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), recursive.parameters()))
+    torch.testing.assert_close(model.model.embed_tokens.weight, tiny_llama4().model.embed_tokens.weight)
     dense = sum(p.numel() for p in model.model.layers.parameters())
     assert sum(p.numel() for p in recursive.model.layers.parameters()) == dense // 2
 
@@ -193,6 +198,29 @@ def test_trainer_uptrains_with_early_exit_loss_and_keeps_weights_shared(tmp_path
     with_exit = recursive(IDS, labels=IDS).loss
     recursive.config.early_exit_loss_weight = 0.0
     assert with_exit > recursive(IDS, labels=IDS).loss
+
+
+def test_distillation_uptrainer_pulls_the_recursive_model_towards_the_teacher(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from hf_compress.recursive import RecursiveUptrainer, forward_kl
+
+    teacher = tiny_llama4()
+    data = Dataset.from_dict({"input_ids": [IDS[0].tolist()] * 8, "labels": [IDS[0].tolist()] * 8})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no")
+    with torch.no_grad():
+        target = teacher(IDS).logits
+    gaps = []
+    for weight in (0.0, 10.0):
+        student = convert(teacher, init="lower")
+        RecursiveUptrainer(model=student, args=args, train_dataset=data, teacher=teacher,
+                           distill_weight=weight).train()
+        with torch.no_grad():
+            gaps.append(float(forward_kl(student.eval()(IDS).logits, target)))
+    assert gaps[1] < gaps[0]
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_early_exit_generation_and_exit_loops():

@@ -26,6 +26,8 @@ _LAZY = {
     "confidence_exit_loops": "early_exit",
     "early_exit_generate": "early_exit",
     "simulate_throughput": "early_exit",
+    "RecursiveUptrainer": "uptraining",
+    "forward_kl": "uptraining",
 }
 
 __all__ = list(_LAZY)

@@ -42,13 +42,13 @@ def convert(model, num_loops: int = 2, scheme: str = "cycle", init: str = "stepw
     groups = position_groups(layers, num_loops, scheme)
 
     original = model.state_dict()
-    state = {k: v for k, v in original.items() if not k.startswith("model.layers.")}
+    state = {k: v.clone() for k, v in original.items() if not k.startswith("model.layers.")}
     layer_names = [n for n, _ in model.model.layers[0].named_parameters()]
     for block, (source_layers, positions) in enumerate(zip(sources, groups)):
         for name in layer_names:
             if "layernorm" in name and not tie_norms:
                 for position in positions:
-                    state[f"model.layers.{position}.{name}"] = original[f"model.layers.{position}.{name}"]
+                    state[f"model.layers.{position}.{name}"] = original[f"model.layers.{position}.{name}"].clone()
                 continue
             stacked = torch.stack([original[f"model.layers.{i}.{name}"].float() for i in source_layers])
             dtype = original[f"model.layers.{source_layers[0]}.{name}"].dtype

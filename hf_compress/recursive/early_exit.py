@@ -76,7 +76,7 @@ def early_exit_generate(model, input_ids: torch.Tensor, max_new_tokens: int, thr
     cache = DynamicCache(config=base.config)
     ids, step_input, exits = input_ids, input_ids, []
     for _ in range(max_new_tokens):
-        logits, out = loop_logits(model, step_input, past_key_values=cache, use_cache=True)
+        logits, out = loop_logits(model, step_input, cache=cache, use_cache=True)
         last = [lg[:, -1:] for lg in logits]
         loop = int(confidence_exit_loops(last, threshold).item())
         token = last[loop - 1].argmax(-1)

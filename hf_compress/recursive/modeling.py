@@ -61,12 +61,13 @@ class RecursiveLlamaForCausalLM(LlamaForCausalLM):
         """Shared final norm + head on an intermediate hidden state (the paper's early-exit head)."""
         return self.lm_head(self.model.norm(hidden))
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         # explicit arguments: Trainer keeps only the dataset columns that forward's signature names
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                      logits_to_keep=logits_to_keep)
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        if cache is not None:
+            kwargs["cache"] = cache
         weight = self.config.early_exit_loss_weight
         if not (self.training and weight > 0 and labels is not None):
             return super().forward(labels=labels, **kwargs)
