@@ -11,6 +11,7 @@ HEADER = "# Benchmark results\n\nEvery number here was measured by the command s
 def write_section(title: str, section: str) -> None:
     """``section`` must start with ``title`` (a ``## `` heading); other sections are kept as they are."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    section = section.rstrip("\n") + "\n\n"
     start = text.find(title)
     if start >= 0:
         end = text.find("\n## ", start + 1)

@@ -16,13 +16,10 @@ Each row runs in its own process; finished rows are cached, so an interrupted ru
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+from _rows import RowCache, main  # noqa: E402
 from quantization import versions  # noqa: E402
 
-CACHE = Path(os.environ.get("HF_COMPRESS_BENCH_CACHE", Path.home() / ".cache" / "hf_compress" / "bench_recursive"))
+CACHE = RowCache("bench_recursive", __file__)
 TITLE = "## Relaxed Recursive Transformers on SmolLM2-135M-Instruct (30 layers → 15 × 2)"
 STEPS = int(os.environ.get("HF_COMPRESS_RRT_STEPS", "12"))
 BATCH, SEQ, LR, SLOTS = 4, 128, 2e-4, 32
@@ -168,25 +166,6 @@ def run_row(row: str) -> dict:
     return result
 
 
-def cache_path(row: str) -> Path:
-    return CACHE / f"{row.replace(':', '_')}.json"
-
-
-def ensure_row(row: str) -> dict:
-    path = cache_path(row)
-    if path.exists():
-        return json.loads(path.read_text())
-    proc = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"row {row} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(line[7:])
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
-    print(result, flush=True)
-    return result
-
-
 LABELS = {"original": "original (30 layers)", "rec:stepwise": "recursive, Stepwise", "rec:average": "recursive, Average",
           "rec:lower": "recursive, Lower", "base15": "15-layer non-shared (Stepwise layers)",
           "relaxed:svd:64": "relaxed, Average + SVD LoRA r64", "relaxed:svd:8": "relaxed, Average + SVD LoRA r8",
@@ -244,21 +223,5 @@ def write_results(results: dict) -> None:
     write_section(TITLE, "\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--row")
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--table-only", action="store_true", help="write the table from cached rows, run nothing")
-    args = parser.parse_args()
-    if args.row:
-        result = run_row(args.row)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-    if not args.table_only:
-        for row in args.only or ROWS:
-            ensure_row(row)
-    write_results({row: json.loads(cache_path(row).read_text()) for row in ROWS if cache_path(row).exists()})
-
-
 if __name__ == "__main__":
-    main()
+    main(ROWS, CACHE, run_row, write_results)

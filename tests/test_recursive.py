@@ -10,7 +10,6 @@ import torch
 from conftest import fresh_process_logits, subprocess_env, tiny_gpt2
 
 from hf_compress.recursive import (
-    RecursiveLlamaForCausalLM,
     confidence_exit_loops,
     convert,
     early_exit_generate,
