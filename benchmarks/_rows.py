@@ -54,7 +54,10 @@ def main(rows: list[str], cache: RowCache, run_row: Callable[[str], dict],
     parser.add_argument("--table-only", action="store_true", help="write the table from cached rows, run nothing")
     args = parser.parse_args()
     if args.row:
-        print("RESULT " + json.dumps(run_row(args.row)), flush=True)
+        result = run_row(args.row)
+        cache.dir.mkdir(parents=True, exist_ok=True)  # written here too: a row survives its parent dying
+        cache.path(args.row).write_text(json.dumps(result))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if not args.table_only:
         for row in args.only or rows:

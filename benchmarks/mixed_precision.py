@@ -12,22 +12,19 @@ interrupted run resumes.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+from _rows import RowCache, main  # noqa: E402
 from quantization import _setup, versions  # noqa: E402  (shared protocol set-up)
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("HF_COMPRESS_BENCH_CACHE", Path.home() / ".cache" / "hf_compress" / "bench_mixed_precision"))
 TITLE = "## Mixed precision on SmolLM2-135M-Instruct: perplexity against realised bits (GPTQ g64)"
 GROUP = 64
 # In priority order: the acceptance comparisons first.
@@ -39,7 +36,7 @@ ROWS = ["profile", "baq:col:3.0", "gptq:3", "baq:col:2.5", "lw:lim:2.5", "lw:zd:
 
 
 def profile_dir() -> Path:
-    return CACHE / "profile"
+    return ROW_CACHE.dir / "profile"
 
 
 def config_for(row: str):
@@ -88,26 +85,16 @@ def run_row(row: str) -> dict:
             "quantize_s": round(seconds, 1)}
 
 
-def cache_path(row: str) -> Path:
-    return CACHE / f"{row.replace(':', '_')}.json"
+class MixedRowCache(RowCache):
+    """Every planner row reads the sensitivity profile, so that row runs first."""
+
+    def ensure(self, row: str) -> dict:
+        if row != "profile" and not self.path(row).exists() and not (profile_dir() / "sensitivity_profile.json").exists():
+            super().ensure("profile")
+        return super().ensure(row)
 
 
-def ensure_row(row: str) -> dict:
-    """The cached result of ``row``, running it in its own process when missing."""
-    path = cache_path(row)
-    if path.exists():
-        return json.loads(path.read_text())
-    if row != "profile" and not (profile_dir() / "sensitivity_profile.json").exists():
-        ensure_row("profile")
-    proc = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"row {row} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(line[7:])
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
-    print(result, flush=True)
-    return result
+ROW_CACHE = MixedRowCache("bench_mixed_precision", __file__)
 
 
 LABELS = {"gptq": "uniform GPTQ", "baq:col": "BAQ (column)", "baq:mod": "BAQ (module)", "lw:lim": "Layer-wise LIM 3/2",
@@ -194,24 +181,5 @@ def comparisons(results: dict[str, dict]) -> list[str]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--row")
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--table-only", action="store_true", help="write the table from cached rows, run nothing")
-    args = parser.parse_args()
-    if args.row:
-        result = run_row(args.row)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        cache_path(args.row).write_text(json.dumps(result))
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-    if not args.table_only:
-        for row in args.only or ROWS:  # in the order given
-            ensure_row(row)
-    results = {row: json.loads(cache_path(row).read_text()) for row in ROWS if cache_path(row).exists()}
-    write_results(results)
-
-
 if __name__ == "__main__":
-    main()
+    main(ROWS, ROW_CACHE, run_row, write_results)

@@ -10,9 +10,7 @@ rotation), attention concentration, asymmetric grids with group 64 instead of th
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -20,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
-from mixed_precision import cache_path, ensure_row  # noqa: E402
+from _rows import main  # noqa: E402
+from mixed_precision import ROW_CACHE, run_row  # noqa: E402
 from quantization import versions  # noqa: E402
 
 TITLE = "## RSQ on SmolLM2-135M-Instruct: GPTQ vs GPTQ + rotation vs RSQ (group 64)"
@@ -55,16 +54,5 @@ def write_results(results: dict) -> None:
     write_section(TITLE, "\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    if not args.table_only:
-        for row in args.only or ROWS:
-            ensure_row(row)
-    write_results({row: json.loads(cache_path(row).read_text()) for row in ROWS if cache_path(row).exists()})
-
-
 if __name__ == "__main__":
-    main()
+    main(ROWS, ROW_CACHE, run_row, write_results)  # rows run through mixed_precision.py and share its cache
