@@ -7,6 +7,7 @@ timings per row honest, and the cache lets a 2-core machine spread a long benchm
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -45,6 +46,12 @@ class RowCache:
         return {row: json.loads(self.path(row).read_text()) for row in rows if self.path(row).exists()}
 
 
+def measured_on(results: dict) -> str:
+    """The date (or date range) the cached rows were measured on; today for rows that do not say."""
+    dates = sorted({r.get("date", datetime.date.today().isoformat()) for r in results.values()})
+    return dates[0] if len(dates) <= 1 else f"{dates[0]} to {dates[-1]}"
+
+
 def main(rows: list[str], cache: RowCache, run_row: Callable[[str], dict],
          write_results: Callable[[dict], None]) -> None:
     """``--row ROW`` (child: measure and print), ``--only ROW…`` (these, in order), ``--table-only``."""
@@ -54,7 +61,7 @@ def main(rows: list[str], cache: RowCache, run_row: Callable[[str], dict],
     parser.add_argument("--table-only", action="store_true", help="write the table from cached rows, run nothing")
     args = parser.parse_args()
     if args.row:
-        result = run_row(args.row)
+        result = {**run_row(args.row), "date": datetime.date.today().isoformat()}
         cache.dir.mkdir(parents=True, exist_ok=True)  # written here too: a row survives its parent dying
         cache.path(args.row).write_text(json.dumps(result))
         print("RESULT " + json.dumps(result), flush=True)

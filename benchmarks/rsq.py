@@ -10,7 +10,6 @@ rotation), attention concentration, asymmetric grids with group 64 instead of th
 
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
-from _rows import main  # noqa: E402
+from _rows import main, measured_on  # noqa: E402
 from mixed_precision import ROW_CACHE, run_row  # noqa: E402
 from quantization import versions  # noqa: E402
 
@@ -30,7 +29,7 @@ LABELS = {"gptq": "GPTQ", "rot": "GPTQ + rotation", "rsq": "RSQ (rotation + atte
 def write_results(results: dict) -> None:
     lines = [TITLE, "",
              f"Command: `python benchmarks/rsq.py` · machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU · "
-             f"{versions()} · date: {datetime.date.today().isoformat()}", "",
+             f"{versions()} · date: {measured_on(results)}", "",
              "Protocol as in the quantization section (WikiText-2 test 40 × 512; calibration 32 × 512 of WikiText-2 valid, "
              "seed 0; GPTQ damp 0.01, act-order, static groups, clip search). Rotation: RMSNorm gains folded, embeddings "
              "untied, residual stream rotated by D·(R_9 ⊗ H_64) (no Hadamard of order 9 exists), value/output heads by H_64; "

@@ -31,6 +31,12 @@ _LAZY = {
     "PackedLinear": "hf_compress.formats.linear",
     "profile": "hf_compress.sensitivity",
     "SensitivityProfile": "hf_compress.sensitivity",
+    "LNRemovalSchedule": "hf_compress.ln_free.schedule",
+    "LNRemovalCallback": "hf_compress.ln_free.callback",
+    "push_to_hub": "hf_compress.integrations.hub",
+    "render_card": "hf_compress.integrations.model_card",
+    "record_card_inputs": "hf_compress.integrations.artifacts",
+    "perplexity_result": "hf_compress.integrations.artifacts",
 }
 
 __all__ = [*_LAZY, "register", "__version__"]
@@ -49,10 +55,11 @@ def register() -> bool:
         return False
     _registering = True
     try:
-        if _initializing(("transformers", "hf_compress.recursive", "peft")):
+        if _initializing(("transformers", "hf_compress.recursive", "hf_compress.ln_free", "peft")):
             return False
         importlib.import_module("hf_compress.quantizer").register()
         importlib.import_module("hf_compress.recursive.modeling").register()
+        importlib.import_module("hf_compress.ln_free.modeling").register()
         if "peft" in sys.modules:
             importlib.import_module("hf_compress.recursive.relaxed_lora").register()
         return True

@@ -37,19 +37,21 @@ def atomic_directory(target: str | os.PathLike):
         raise
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
-    """``model.save_pretrained`` made atomic (safetensors only), plus ``tokenizer`` and a model card."""
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, base_model: str | None = None,
+                    results: list[dict] | None = None, **kwargs) -> Path:
+    """``model.save_pretrained`` made atomic (safetensors only), plus ``tokenizer`` and, for a model hf-compress
+    made, its model card (``base_model`` and measured ``results`` are recorded for it)."""
+    from .integrations.hub import _plain_save, is_hfc_model, write_card
+
     kwargs.pop("safe_serialization", None)
     with atomic_directory(save_directory) as tmp:
-        model.save_pretrained(tmp, **kwargs)
+        _plain_save(model, tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if getattr(getattr(model.config, "quantization_config", None), "plan", None):
-            from .integrations.model_card import render_model_card
-
-            Path(tmp, "README.md").write_text(render_model_card(model, repo_id=Path(save_directory).name), encoding="utf-8")
         for f in Path(tmp).glob("*.safetensors"):
             verify_safetensors_file(f)
+        if is_hfc_model(model):
+            write_card(model, tmp, repo_id=Path(save_directory).name, base_model=base_model, results=results)
     return Path(save_directory)
 
 

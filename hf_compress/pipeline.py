@@ -111,6 +111,9 @@ def attach_quantizer(model: nn.Module, config: HfcConfig) -> None:
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.config.quantization_config = config
+    from .integrations.hub import enable_hub_cards
+
+    enable_hub_cards(model, tags=[config.quant_method.removeprefix("hfc_")])
 
 
 def _tokenizer_for(model, config):

@@ -74,8 +74,10 @@ def plan_table(model: nn.Module, per: str = "layer") -> str:
     return "\n".join(out)
 
 
-def plot_plan(model: nn.Module, path: str | Path, title: str | None = None) -> Path:
-    """Per-layer plot: bars stacked by the share of weights at each width, realised bits/weight as a line."""
+def plot_plan(model: nn.Module, path, title: str | None = None):
+    """Per-layer plot: bars stacked by the share of weights at each width, realised bits/weight as a line.
+
+    ``path`` is a file name (returned as a ``Path``) or a binary file object (PNG bytes written to it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +103,8 @@ def plot_plan(model: nn.Module, path: str | Path, title: str | None = None) -> P
     ax.set_title(title or f"Per-layer bit widths: {code:.3f} code bits, {bits:.3f} bits/weight overall")
     ax.legend(fontsize=7, ncol=len(widths) + 1, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path

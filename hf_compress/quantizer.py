@@ -39,6 +39,9 @@ class HfcQuantizer(HfQuantizer):
             for mod in model.modules():  # per-column widths must agree with the plan (corrupt checkpoint?)
                 if isinstance(mod, PackedLinear) and mod.spec.is_mixed:
                     mod.segments()
+            from .integrations.hub import enable_hub_cards
+
+            enable_hub_cards(model, tags=[self.quantization_config.quant_method.removeprefix("hfc_")])
             return model
         from .pipeline import quantize
 

@@ -186,7 +186,8 @@ class LisaSchedule:
     def apply(self, step: int, optimizer=None) -> bool:
         """Activate the layers of ``step``'s interval; returns True when the active set was (re)sampled.
 
-        At a new interval the parameters of the previous interval's layers get ``grad=None`` and, with
+        The first call with an ``optimizer`` checks that it holds every parameter LISA may select. At a new
+        interval the parameters of the previous interval's layers get ``grad=None`` and, with
         ``release_state``, lose their optimizer state (fresh moments for the new interval). On the first call
         (e.g. after resuming from a checkpoint) only the state of layers outside the active set is dropped, unless
         the step is an interval boundary, so that a resumed run matches an uninterrupted one.
@@ -195,9 +196,11 @@ class LisaSchedule:
         if interval == self.interval:
             return False
         new = self.layers_for_interval(interval)
+        if self.interval is None and optimizer is not None:
+            self.check_optimizer(optimizer)
         if self.interval is None:
             at_boundary = step % self.config.interval_steps == 0
-            leaving = [i for i in range(self.num_layers) if i not in new]
+            leaving = [i for i in range(self.num_layers) if at_boundary or i not in new]
         else:
             leaving = self.active_layers
         opt = getattr(optimizer, "optimizer", optimizer)
@@ -291,7 +294,6 @@ class LisaCallback(TrainerCallback, ExportableState):
             raise ValueError("LisaCallback needs the Trainer's model and optimizer at on_train_begin")
         cfg = self.config if self.config.seed is not None else LisaConfig(**{**self.config.to_dict(), "seed": args.seed})
         self.schedule = LisaSchedule(model, cfg)
-        self.schedule.check_optimizer(optimizer)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5 name
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
+from ..integrations.hub import HubCardMixin
+
 from .configuration import RecursiveLlamaConfig
 from .sharing import loop_boundaries, position_groups
 
@@ -33,7 +35,7 @@ def layer_ties(config: RecursiveLlamaConfig, layer_param_names) -> dict[str, str
     return ties
 
 
-class RecursiveLlamaForCausalLM(LlamaForCausalLM):
+class RecursiveLlamaForCausalLM(HubCardMixin, LlamaForCausalLM):
     """Llama whose decoder positions share blocks; optional early-exit loss after every loop (CYCLE)."""
 
     config_class = RecursiveLlamaConfig

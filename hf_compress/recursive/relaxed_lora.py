@@ -134,6 +134,9 @@ def relax(recursive_model, original_model=None, ranks=64, init: str = "svd", tra
     peft_model = get_peft_model(recursive_model, config)
     if init == "svd":
         svd_initialise(peft_model, original_model, progress=progress)
+    from ..integrations.hub import enable_hub_cards
+
+    enable_hub_cards(peft_model, tags=["relaxed-recursive-lora"])
     return peft_model
 
 
@@ -199,6 +202,10 @@ def save_relaxed(peft_model, directory, base_model_name_or_path: str | None = No
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_model_name_or_path or os.fspath(directory.resolve())
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        from ..integrations.hub import write_card
+
+        write_card(clean, tmp, repo_id=directory.name)
+        write_card(peft_model, tmp / "relaxed_lora", repo_id=f"{directory.name}-relaxed-lora")
     return directory
 
 

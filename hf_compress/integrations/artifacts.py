@@ -1,0 +1,134 @@
+"""What kind of hf-compress artifact a checkpoint folder holds, and the card inputs recorded beside it.
+
+Cards and pushes work from a saved folder, not from a live model, so that ``hf-compress card PATH`` and
+``hf-compress push PATH`` describe exactly the files that will be uploaded. The kind is read from the folder's
+own metadata (``config.json`` / ``adapter_config.json``); nothing is unpickled and no weights are loaded here.
+
+Measured results and the base model's Hub id are not part of any config, so they live in a small sidecar
+(``hf_compress_card.json``) that ``record_card_inputs`` writes and the card reads: a card states only what a user
+actually measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CARD_INPUTS_FILE = "hf_compress_card.json"
+RELAXED_PEFT_TYPE = "HFC_RELAXED_RECURSIVE_LORA"
+COMPAT_LN_FREE_MIN_EPS = 1e6  # the compatible LN-free export sets eps = 1e12; no trained model uses eps >= 1e6
+
+
+@dataclass
+class Artifact:
+    """A checkpoint folder and what it is: ``quantized``, ``recursive``, ``relaxed_lora``, ``ln_free``,
+    ``ln_free_compatible`` or ``adapter`` (any other PEFT adapter)."""
+
+    kind: str
+    folder: Path
+    config: dict = field(default_factory=dict)
+    adapter_config: dict = field(default_factory=dict)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.safetensors"))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+
+
+def inspect_checkpoint(folder: str | os.PathLike) -> Artifact:
+    """Classify ``folder``; raise ``FileNotFoundError``/``ValueError`` naming what is missing or unusable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    from ..checkpoint import verify_safetensors_file
+
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise ValueError(f"{folder} holds pickle weight files ({', '.join(pickles)}); hf-compress publishes safetensors only")
+    for f in folder.glob("*.safetensors"):
+        verify_safetensors_file(f)
+    if (folder / "adapter_config.json").is_file():
+        adapter = _read_json(folder / "adapter_config.json")
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+        kind = "relaxed_lora" if adapter.get("peft_type") == RELAXED_PEFT_TYPE else "adapter"
+        return Artifact(kind, folder, adapter_config=adapter)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has neither config.json nor adapter_config.json: not a saved model or adapter")
+    config = _read_json(folder / "config.json")
+    if not list(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} has a config.json but no *.safetensors weights")
+    quant = config.get("quantization_config") or {}
+    model_type = config.get("model_type", "")
+    if str(quant.get("quant_method", "")).startswith("hfc_"):
+        kind = "quantized"
+    elif model_type == "hfc_recursive_llama":
+        kind = "recursive"
+    elif model_type.startswith("hfc_ln_free"):
+        kind = "ln_free"
+    elif model_type == "gpt2" and config.get("layer_norm_epsilon", 0) >= COMPAT_LN_FREE_MIN_EPS:
+        kind = "ln_free_compatible"
+    else:
+        raise ValueError(
+            f"{folder} is a plain {model_type or 'unknown'} checkpoint, not one hf-compress made "
+            "(no hfc_* quantization_config, recursive or LN-free model type); push it with transformers' push_to_hub"
+        )
+    return Artifact(kind, folder, config=config)
+
+
+def perplexity_result(value: float, dataset: str = "wikitext", dataset_name: str = "WikiText-2 (raw)",
+                      dataset_config: str = "wikitext-2-raw-v1", split: str = "test", protocol: str | None = None) -> dict:
+    """One measured perplexity in the form the card turns into ``model-index`` metadata."""
+    return {"metric": "perplexity", "value": float(value), "dataset": dataset, "dataset_name": dataset_name,
+            "dataset_config": dataset_config, "split": split, "protocol": protocol}
+
+
+def _check_result(result: dict) -> dict:
+    if not isinstance(result, dict) or "metric" not in result or "value" not in result:
+        raise ValueError(f"a result needs at least 'metric' and 'value', got {result!r}")
+    value = result["value"]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"result {result['metric']!r} has a non-finite or non-numeric value {value!r}")
+    return {"dataset": "unknown", "dataset_name": None, "dataset_config": None, "split": None, "protocol": None, **result}
+
+
+def read_card_inputs(folder: str | os.PathLike) -> dict:
+    """``{"base_model": str | None, "results": [...]}`` recorded for ``folder`` (empty when none)."""
+    path = Path(folder) / CARD_INPUTS_FILE
+    data = _read_json(path) if path.is_file() else {}
+    return {"base_model": data.get("base_model"), "results": [_check_result(r) for r in data.get("results", [])]}
+
+
+def record_card_inputs(folder: str | os.PathLike, base_model: str | None = None, results: list[dict] | None = None) -> Path:
+    """Record the base model and measured results for the card of ``folder``.
+
+    A result with the same metric, dataset and split replaces the old one, so re-evaluating updates the card.
+    Written to a temporary file and renamed, so an interrupted write leaves the old sidecar intact.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    current = read_card_inputs(folder)
+    if base_model is not None:
+        current["base_model"] = base_model
+    for new in [_check_result(r) for r in results or []]:
+        key = (new["metric"], new["dataset"], new["split"])
+        current["results"] = [r for r in current["results"] if (r["metric"], r["dataset"], r["split"]) != key] + [new]
+    path = folder / CARD_INPUTS_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
