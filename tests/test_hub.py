@@ -233,3 +233,21 @@ def test_quantized_smollm2_through_the_hub_with_plan_and_perplexity(hub, smollm2
     image = Image.open(io.BytesIO(open(f"{local}/{PLOT_FILE}", "rb").read()))
     assert image.size[0] > 400
     assert json.loads(open(f"{local}/config.json").read())["quantization_config"]["quant_method"] == "hfc_gptq"
+
+
+def test_cli_eval_record_feeds_the_card(quantized, tmp_path, text_corpus):
+    from conftest import save_char_tokenizer
+
+    from hf_compress.integrations import render_card
+
+    folder = hf_compress.save_pretrained(quantized, tmp_path / "ckpt")
+    save_char_tokenizer(folder)
+    (tmp_path / "eval.txt").write_text(text_corpus)
+    args = ["eval", str(folder), "--eval-dataset", str(tmp_path / "eval.txt"), "--eval-seq-len", "32", "--max-windows", "2"]
+    assert cli.main(args + ["--record"]) == 0
+    recorded = json.loads((folder / "hf_compress_card.json").read_text())["results"]
+    assert len(recorded) == 1 and recorded[0]["metric"] == "perplexity" and recorded[0]["value"] > 1
+    card = render_card(folder).card
+    assert card.data.eval_results[0].metric_value == recorded[0]["value"]
+    assert "32-token windows, 2 windows" in card.text
+    assert cli.main(["eval", "--record"]) == 2  # the default model is no folder to record into
