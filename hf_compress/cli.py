@@ -224,6 +224,10 @@ def cmd_eval(args) -> dict:
         from .integrations.artifacts import record_card_inputs
 
         print(f"recorded in {record_card_inputs(args.model, results=[_perplexity_result(ppl, args)])}")
+        if os.path.isfile(os.path.join(args.model, "README.md")):  # keep the local card in step with the record
+            from .integrations.model_card import render_card
+
+            render_card(args.model, model=model).save(args.model)
     return {"perplexity": ppl, **size.to_dict()}
 
 
@@ -232,8 +236,9 @@ def _perplexity_result(ppl: float, args) -> dict:
 
     windows = f"{args.max_windows} windows" if args.max_windows else "all windows"
     protocol = f"{args.eval_seq_len}-token windows, {windows}"
-    if args.eval_dataset:
-        return perplexity_result(ppl, dataset=str(args.eval_dataset), dataset_name=str(args.eval_dataset),
+    if args.eval_dataset:  # a local file's path is no Hub dataset id (and should not leak into a public card)
+        name = os.path.basename(str(args.eval_dataset)) if os.path.exists(str(args.eval_dataset)) else str(args.eval_dataset)
+        return perplexity_result(ppl, dataset="custom" if name != args.eval_dataset else name, dataset_name=name,
                                  dataset_config=None, split=None, protocol=protocol)
     return perplexity_result(ppl, protocol=protocol)
 

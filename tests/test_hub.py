@@ -32,8 +32,8 @@ def hub():
 @pytest.fixture
 def quantized(tmp_path):
     model = tiny_llama()
-    hf_compress.quantize(model, hf_compress.RTNConfig(bits=4, group_size=32, modules_to_not_convert=[r"layers\.1\.mlp"]),
-                         progress=False)
+    skip = [r"layers\.1\.mlp\.(gate|up|down)_proj"]  # a pipe: must not break the card's settings table
+    hf_compress.quantize(model, hf_compress.RTNConfig(bits=4, group_size=32, modules_to_not_convert=skip), progress=False)
     return model
 
 
@@ -63,6 +63,7 @@ def test_model_push_to_hub_uploads_checkpoint_card_and_plot(hub, quantized, tmp_
     assert 'from_pretrained("me/tiny-rtn")' in card.text and "pip install hf-compress" in card.text
     assert card.text.count("| model.layers.") == 11  # per-module plan: 14 linears, layer 1's MLP (3) dense
     assert "Not measured" in card.text  # no evaluation recorded: nothing invented
+    assert "| modules_to_not_convert | `layers\\.1\\.mlp\\.(gate\\|up\\|down)_proj` |" in card.text
 
     from huggingface_hub import snapshot_download
     from transformers import AutoModelForCausalLM
@@ -74,12 +75,43 @@ def test_model_push_to_hub_uploads_checkpoint_card_and_plot(hub, quantized, tmp_
     assert torch.equal(fresh_process_logits(local, IDS, tmp_path), expect)
 
 
-def test_save_pretrained_writes_the_card_locally(quantized, tmp_path):
+def test_save_pretrained_writes_the_card_locally(hub, quantized, tmp_path):
     quantized.save_pretrained(tmp_path / "q")
     assert (tmp_path / "q" / PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
     assert "## Per-layer plan" in (tmp_path / "q" / "README.md").read_text()
-    with pytest.raises(ValueError, match="push_to_hub"):
-        quantized.save_pretrained(tmp_path / "q2", push_to_hub=True)
+    quantized.save_pretrained(tmp_path / "q2", push_to_hub=True, repo_id="me/saved-and-pushed", token=GOOD_TOKEN)
+    assert "## Per-layer plan" in _card(hub, "me/saved-and-pushed").text  # our card, not transformers' generic one
+    quantized.save_pretrained(tmp_path / "q3", is_main_process=False)  # other ranks write nothing, and do not fail
+    assert not (tmp_path / "q3" / "README.md").exists()
+
+
+def test_push_uploads_the_checkpoint_not_trainer_state_and_forgets_stale_results(hub, quantized, tmp_path):
+    folder = hf_compress.save_pretrained(quantized, tmp_path / "out", results=[perplexity_result(9.5)])
+    torch.save({}, folder / "training_args.bin")  # what a Trainer leaves in its output_dir
+    torch.save({}, folder / "optimizer.pt")
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    hf_compress.push_to_hub(folder, "me/out", token=GOOD_TOKEN)
+    assert set(hub.repos["me/out"]["files"]) == {"config.json", "generation_config.json", "model.safetensors",
+                                                  "hf_compress_card.json", "README.md", PLOT_FILE}
+    assert "9.5" in _card(hub, "me/out").text
+    other = tiny_llama(seed=1)
+    hf_compress.quantize(other, hf_compress.RTNConfig(bits=3, group_size=32), progress=False)
+    other.save_pretrained(folder)  # other weights saved over the folder: the old result no longer applies
+    assert "Not measured" in (folder / "README.md").read_text()
+
+
+def test_branches_pull_requests_and_refused_uploads(hub, quantized, tmp_path):
+    folder = hf_compress.save_pretrained(quantized, tmp_path / "ckpt")
+    hf_compress.push_to_hub(folder, "me/rev", token=GOOD_TOKEN)
+    main_sha = hub.repos["me/rev"]["sha"]
+    hf_compress.push_to_hub(folder, "me/rev", token=GOOD_TOKEN, exist_ok=True, revision="dev", tags=["my-tag"])
+    assert hub.repos["me/rev"]["sha"] == main_sha and "README.md" in hub.repos["me/rev"]["branches"]["dev"]["files"]
+    assert "my-tag" in hub.repos["me/rev"]["branches"]["dev"]["files"]["README.md"].decode()
+    url = hf_compress.push_to_hub(folder, "me/rev", token=GOOD_TOKEN, exist_ok=True, create_pr=True)
+    assert url.endswith("/discussions/1") and hub.repos["me/rev"]["sha"] == main_sha
+    with pytest.raises(ValueError, match=r"(?s)refused the upload.*base_model is not a model id"):  # the Hub validates card metadata
+        hf_compress.push_to_hub(folder, "me/rev", token=GOOD_TOKEN, exist_ok=True, base_model="not a model id")
 
 
 def test_cli_card_and_push_carry_recorded_results(hub, quantized, tmp_path, capsys):
@@ -123,10 +155,11 @@ def test_bad_input_gives_clear_errors(hub, quantized, tmp_path, monkeypatch):
         hf_compress.push_to_hub(folder, "me/exists", token=GOOD_TOKEN)
     hf_compress.push_to_hub(folder, "me/exists", token=GOOD_TOKEN, exist_ok=True)  # an update is one more commit
 
-    hub.fail_commit = True
-    with pytest.raises(ConnectionError, match="Nothing was committed.*unchanged"):
-        hf_compress.push_to_hub(folder, "me/flaky", token=GOOD_TOKEN)
-    assert hub.repos["me/flaky"]["files"] == {}
+    for stage in ("preupload", "commit"):  # the connection drops while the files or the commit go up
+        hub.fail_on = {stage}
+        with pytest.raises(ConnectionError, match="Nothing was committed.*unchanged.*exist_ok=True"):
+            hf_compress.push_to_hub(folder, f"me/flaky-{stage}", token=GOOD_TOKEN)
+        assert hub.repos[f"me/flaky-{stage}"]["files"] == {}
     assert cli.main(["push", str(folder), "me/flaky2", "--token", GOOD_TOKEN]) == 2
     assert _folder_digest(folder) == before
 
@@ -162,7 +195,11 @@ def test_recursive_model_and_relaxed_adapter_push(hub, tmp_path):
     save_relaxed(relaxed, tmp_path / "relaxed", base_model_name_or_path="me/tiny-rec-base")
     assert "Ranks per module type" in (tmp_path / "relaxed" / "relaxed_lora" / "README.md").read_text()
     hf_compress.push_to_hub(tmp_path / "relaxed", "me/tiny-rec-base", token=GOOD_TOKEN)
-    relaxed.push_to_hub("me/tiny-relaxed", token=GOOD_TOKEN)
+    with pytest.raises(ValueError, match="not a Hub repo id"):  # a pushed adapter must name a base it can load
+        relaxed.push_to_hub("me/tiny-relaxed", token=GOOD_TOKEN)
+    relaxed.push_to_hub("me/tiny-relaxed", token=GOOD_TOKEN, base_model="me/tiny-rec-base")
+    uploaded = json.loads(hub.repos["me/tiny-relaxed"]["files"]["adapter_config.json"])
+    assert uploaded["base_model_name_or_path"] == "me/tiny-rec-base"
     card = _card(hub, "me/tiny-relaxed")
     assert card.data.library_name == "peft" and "relaxed-recursive-lora" in card.data.tags
     assert "AutoPeftModelForCausalLM" in card.text

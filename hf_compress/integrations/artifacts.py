@@ -11,13 +11,21 @@ actually measured.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 CARD_INPUTS_FILE = "hf_compress_card.json"
+WEIGHT_PICKLES = re.compile(r"^(pytorch_model|adapter_model|model)[\w.-]*\.(bin|pt|pth)$|\.ckpt$")
+# What a push uploads: the checkpoint itself, never Trainer state (optimizer.pt, training_args.bin, checkpoint-*/, runs/)
+UPLOADED = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+NOT_UPLOADED = ("trainer_state.json", "README.md")
+ARTIFACT_SUBFOLDERS = ("relaxed_lora",)
 RELAXED_PEFT_TYPE = "HFC_RELAXED_RECURSIVE_LORA"
 COMPAT_LN_FREE_MIN_EPS = 1e6  # the compatible LN-free export sets eps = 1e12; no trained model uses eps >= 1e6
 
@@ -55,7 +63,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> Artifact:
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     from ..checkpoint import verify_safetensors_file
 
-    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and WEIGHT_PICKLES.search(p.name))
     if pickles:
         raise ValueError(f"{folder} holds pickle weight files ({', '.join(pickles)}); hf-compress publishes safetensors only")
     for f in folder.glob("*.safetensors"):
@@ -89,6 +97,26 @@ def inspect_checkpoint(folder: str | os.PathLike) -> Artifact:
     return Artifact(kind, folder, config=config)
 
 
+def upload_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of ``folder`` a push uploads: weights, configs, tokenizer files, the card sidecar, and the same
+    from known artifact subfolders (``relaxed_lora/``). Trainer state and logs stay behind."""
+    folder = Path(folder)
+    roots = [folder] + [folder / s for s in ARTIFACT_SUBFOLDERS if (folder / s).is_dir()]
+    return [p for root in roots for p in sorted(root.iterdir())
+            if p.is_file() and p.name not in NOT_UPLOADED and any(fnmatch.fnmatch(p.name, g) for g in UPLOADED)]
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """Hash of the weight files' names, sizes and safetensors headers: changes whenever other weights are saved."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(length, 1 << 24)))
+    return digest.hexdigest()
+
+
 def perplexity_result(value: float, dataset: str = "wikitext", dataset_name: str = "WikiText-2 (raw)",
                       dataset_config: str = "wikitext-2-raw-v1", split: str = "test", protocol: str | None = None) -> dict:
     """One measured perplexity in the form the card turns into ``model-index`` metadata."""
@@ -106,10 +134,16 @@ def _check_result(result: dict) -> dict:
 
 
 def read_card_inputs(folder: str | os.PathLike) -> dict:
-    """``{"base_model": str | None, "results": [...]}`` recorded for ``folder`` (empty when none)."""
+    """``{"base_model": str | None, "results": [...]}`` recorded for ``folder`` (empty when none).
+
+    Results recorded for other weights (the folder was saved over since) are dropped: a card never shows a
+    number that was not measured on the weights it describes."""
     path = Path(folder) / CARD_INPUTS_FILE
     data = _read_json(path) if path.is_file() else {}
-    return {"base_model": data.get("base_model"), "results": [_check_result(r) for r in data.get("results", [])]}
+    results = [_check_result(r) for r in data.get("results", [])]
+    if results and data.get("weights") != weights_fingerprint(folder):
+        results = []
+    return {"base_model": data.get("base_model"), "results": results}
 
 
 def record_card_inputs(folder: str | os.PathLike, base_model: str | None = None, results: list[dict] | None = None) -> Path:
@@ -127,6 +161,7 @@ def record_card_inputs(folder: str | os.PathLike, base_model: str | None = None,
     for new in [_check_result(r) for r in results or []]:
         key = (new["metric"], new["dataset"], new["split"])
         current["results"] = [r for r in current["results"] if (r["metric"], r["dataset"], r["split"]) != key] + [new]
+    current["weights"] = weights_fingerprint(folder)
     path = folder / CARD_INPUTS_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")

@@ -1,35 +1,44 @@
 """Publish hf-compress artifacts to the Hub with their model card, in one atomic commit.
 
 ``push_to_hub(source, repo_id)`` takes a saved folder or an in-memory model. It renders the card first (so a
-broken checkpoint fails before anything is sent), uploads the folder's files plus README.md and the plot in a
-single ``create_commit`` (the Hub applies a commit whole or not at all), and never writes into the local folder.
+broken checkpoint fails before anything is sent), uploads the checkpoint's files (never Trainer state) plus
+README.md and the plot in a single ``create_commit`` (the Hub applies a commit whole or not at all), and never
+writes into the local folder.
 
 transformers' own ``model.push_to_hub`` replaces README.md with a generic card after saving, and it offers no hook
 to change that; so models hf-compress produces get ``push_to_hub`` / ``save_pretrained`` that go through here:
 our registered architectures by the :class:`HubCardMixin` base class, quantized models (plain transformers
-classes) by :func:`enable_hub_cards` on the instance, which the quantizer calls when it attaches itself.
+classes) and relaxed-LoRA PEFT models by :func:`enable_hub_cards` on the instance, which the quantizer and
+``relax`` call when they make the model.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
-from .artifacts import CARD_INPUTS_FILE, inspect_checkpoint, record_card_inputs
+from .artifacts import CARD_INPUTS_FILE, inspect_checkpoint, record_card_inputs, upload_files
 from .model_card import render_card
 
-SKIPPED = ("README.md",)  # replaced by the rendered card
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def push_to_hub(source, repo_id: str, *, token: str | None = None, private: bool | None = None, exist_ok: bool = False,
-                commit_message: str | None = None, base_model: str | None = None, results: list[dict] | None = None,
-                revision: str | None = None, create_pr: bool = False) -> str:
-    """Upload ``source`` (a checkpoint folder, or a model/PEFT model to save first) to ``repo_id``; returns the commit URL.
+                commit_message: str | None = None, commit_description: str | None = None, base_model: str | None = None,
+                results: list[dict] | None = None, tags: list[str] | None = None, revision: str | None = None,
+                create_pr: bool = False, max_shard_size: str | int | None = None) -> str:
+    """Upload ``source`` (a checkpoint folder, or a model/PEFT model to save first) to ``repo_id``; returns the
+    commit (or pull request) URL.
 
-    Raises ValueError for a bad repo id, a missing or rejected token, or an existing repo without ``exist_ok``;
-    ConnectionError when the network fails (nothing is committed then, and the local files are untouched).
+    Raises ValueError for a bad repo id, a missing or rejected token, an existing repo without ``exist_ok``, a
+    relaxed adapter whose base is not on the Hub, or an upload the Hub refuses; ConnectionError when the network
+    fails (nothing is committed then). The local files are never modified.
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import validate_repo_id
@@ -38,36 +47,44 @@ def push_to_hub(source, repo_id: str, *, token: str | None = None, private: bool
     token = token or get_token()
     if not token:
         raise ValueError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass token=...")
+    request = dict(repo_id=repo_id, api=HfApi(token=token), private=private, exist_ok=exist_ok, tags=tags,
+                   commit_message=commit_message, commit_description=commit_description, revision=revision,
+                   create_pr=create_pr)
     if isinstance(source, (str, os.PathLike)):
-        return _push_folder(Path(source), None, repo_id, HfApi(token=token), private, exist_ok, commit_message,
-                            base_model, results, revision, create_pr)
+        return _push_folder(Path(source), None, base_model, results, **request)
+    adapters = getattr(source, "peft_config", None)
+    if isinstance(adapters, dict) and len(adapters) > 1:
+        raise ValueError(f"the PEFT model holds {len(adapters)} adapters ({', '.join(adapters)}): push one at a time "
+                         "(save each with save_pretrained(selected_adapters=[name]) and push its folder)")
+    inputs = getattr(source, "hfc_card_inputs", None) or {}
     with tempfile.TemporaryDirectory(prefix="hfc-push-") as tmp:
-        _plain_save(source, tmp)
-        return _push_folder(Path(tmp), source, repo_id, HfApi(token=token), private, exist_ok, commit_message,
-                            base_model, results, revision, create_pr)
+        _plain_save(source, tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+        return _push_folder(Path(tmp), source, base_model or inputs.get("base_model"),
+                            results if results is not None else inputs.get("results"), **request)
 
 
 def _plain_save(model, folder, **kwargs) -> None:
     """The class's own ``save_pretrained`` (not an instance hook), so the card is rendered once, by the caller."""
-    save = getattr(type(model), "save_pretrained", None)
-    if save is None:
-        raise TypeError(f"cannot push a {type(model).__name__}: it has no save_pretrained (pass a checkpoint folder)")
     for cls in type(model).__mro__:  # skip our own mixin: it would write a card too
         if "save_pretrained" in vars(cls) and cls is not HubCardMixin:
             vars(cls)["save_pretrained"](model, folder, **kwargs)
             return
+    raise TypeError(f"cannot push a {type(model).__name__}: it has no save_pretrained (pass a checkpoint folder)")
 
 
-def _push_folder(folder, model, repo_id, api, private, exist_ok, commit_message, base_model, results, revision, create_pr):
+def _push_folder(folder, model, base_model, results, *, repo_id, api, private, exist_ok, tags, commit_message,
+                 commit_description, revision, create_pr):
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.errors import HfHubHTTPError
 
     artifact = inspect_checkpoint(folder)
-    card = render_card(folder, repo_id=repo_id, base_model=base_model, results=results, model=model)
-    replaced = {*SKIPPED, *card.images}
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in replaced
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
+    replaced = {}
+    if artifact.kind == "relaxed_lora":
+        base_model, replaced = _relaxed_base(artifact, base_model)
+    card = render_card(folder, repo_id=repo_id, base_model=base_model, results=results, model=model, tags=tags)
+    skipped = {"README.md", *card.images, *replaced}
+    operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in upload_files(folder)
+                  if p.relative_to(folder).as_posix() not in skipped]
+    operations += [CommitOperationAdd(name, data) for name, data in replaced.items()]
     operations.append(CommitOperationAdd("README.md", str(card.card).encode("utf-8")))
     operations += [CommitOperationAdd(name, data) for name, data in card.images.items()]
     created = False
@@ -75,37 +92,61 @@ def _push_folder(folder, model, repo_id, api, private, exist_ok, commit_message,
         try:
             api.create_repo(repo_id, private=private, exist_ok=exist_ok)
             created = not exist_ok
-        except HfHubHTTPError as exc:
+        except Exception as exc:
             if _status(exc) == 409:
                 raise ValueError(f"repository {repo_id} already exists on the Hub; pass exist_ok=True "
                                  "(hf-compress push --update) to add a commit to it") from None
             raise
-        info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or f"Upload {artifact.kind} model made with hf-compress")
-    except HfHubHTTPError as exc:
-        if _status(exc) in (401, 403):
-            raise ValueError(f"the Hub rejected the token for {repo_id} (HTTP {_status(exc)}): check that it is valid "
-                             "and has write access") from None
-        raise _push_failed(folder, repo_id, exc, created) from exc
-    except Exception as exc:
-        import httpx2
-
-        if isinstance(exc, (OSError, httpx2.HTTPError)):  # transport errors, after huggingface_hub's retries
-            raise _push_failed(folder, repo_id, exc, created) from exc
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        try:
+            info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or f"Upload {artifact.kind} model made with hf-compress",
+                                     commit_description=commit_description)
+        except ValueError as exc:  # huggingface_hub's own refusals, e.g. card metadata the Hub did not validate
+            raise ValueError(f"the Hub refused the upload to {repo_id}: {exc}") from exc
+    except ValueError:
         raise
+    except Exception as exc:
+        raise _push_failed(folder, repo_id, exc, created) from exc
     return info.pr_url or info.commit_url
 
 
-def _push_failed(folder, repo_id, exc, created: bool) -> ConnectionError:
-    retry = ("the (empty) repository was created, so retry with exist_ok=True (hf-compress push --update)"
-             if created else "retry")
-    return ConnectionError(f"pushing {folder} to {repo_id} failed ({type(exc).__name__}: {exc}). Nothing was committed "
-                           f"(a Hub commit is all or nothing) and the local checkpoint is unchanged; {retry}.")
+def _relaxed_base(artifact, base_model):
+    """A relaxed adapter is only loadable from the Hub if its ``base_model_name_or_path`` is a Hub id: returns the
+    base and, when it differs from the file's, a corrected ``adapter_config.json`` to upload (the local file stays)."""
+    recorded = artifact.adapter_config.get("base_model_name_or_path")
+    base = base_model or recorded
+    if not base or not HUB_ID.fullmatch(base) or os.path.exists(base):
+        raise ValueError(f"this relaxed adapter's base model is {base!r}, not a Hub repo id, so the pushed adapter could "
+                         "not load; push the recursive base first and pass base_model='user/base-repo' "
+                         "(hf-compress push --base-model)")
+    if base == recorded:
+        return base, {}
+    config = {**artifact.adapter_config, "base_model_name_or_path": base}
+    return base, {"adapter_config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
 
 
 def _status(exc) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
+
+
+def _push_failed(folder, repo_id, exc, created: bool) -> Exception:
+    """Transport failures become ConnectionError (retrying may help); refusals by the Hub become ValueError."""
+    status = _status(exc)
+    server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
+    if status in (401, 403):
+        return ValueError(f"the Hub rejected the token for {repo_id} (HTTP {status}): check that it is valid and has "
+                          "write access")
+    if status == 404:
+        return ValueError(f"the Hub has no repository or branch for {repo_id} ({server})")
+    if status is not None and 400 <= status < 500:
+        return ValueError(f"the Hub refused the upload to {repo_id} (HTTP {status}): {server}")
+    retry = ("the (empty) repository was created, so retry with exist_ok=True (hf-compress push --update)"
+             if created else "retry")
+    return ConnectionError(f"pushing {folder} to {repo_id} failed ({type(exc).__name__}: {server}). Nothing was "
+                           f"committed (a Hub commit is all or nothing) and the local checkpoint is unchanged; {retry}.")
 
 
 def write_card(model, folder, repo_id: str | None = None, base_model: str | None = None,
@@ -118,32 +159,40 @@ def write_card(model, folder, repo_id: str | None = None, base_model: str | None
     return render_card(folder, repo_id=repo_id, model=model).save(folder)
 
 
+def _save_then_card(model, class_save, save_directory, args, kwargs):
+    """``class_save`` with transformers' arguments, then the card on the main process only; with
+    ``push_to_hub=True`` the folder is pushed through :func:`push_to_hub` so the card goes up too."""
+    bound = inspect.signature(class_save).bind(model, save_directory, *args, **kwargs)
+    call = dict(bound.arguments)
+    call.pop("self", None)
+    extra = call.pop("kwargs", {})
+    push = call.pop("push_to_hub", False)
+    hub = {k: extra.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in extra}
+    if call.get("token") or extra.get("token"):
+        hub["token"] = call.get("token") or extra.get("token")
+    class_save(model, **call, **extra)
+    if not call.get("is_main_process", True):
+        return
+    try:
+        write_card(model, save_directory)
+    except (ValueError, OSError) as exc:  # e.g. selected adapters saved in subfolders: no top-level artifact
+        warnings.warn(f"hf-compress wrote no model card into {save_directory}: {exc}", stacklevel=3)
+        return
+    if push:
+        push_to_hub(save_directory, hub.pop("repo_id", Path(save_directory).name), exist_ok=True, **hub)
+
+
 class HubCardMixin:
     """For hf-compress's registered architectures: ``save_pretrained`` also writes the card, and ``push_to_hub``
     uploads through :func:`push_to_hub` (with transformers' default of adding a commit to an existing repo)."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if kwargs.get("push_to_hub"):
-            raise ValueError("save_pretrained(push_to_hub=True) would upload transformers' generic card; "
-                             "call model.push_to_hub(repo_id) instead")
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_card(self, save_directory)
+        class_save = next(vars(c)["save_pretrained"] for c in type(self).__mro__
+                          if "save_pretrained" in vars(c) and c is not HubCardMixin)
+        _save_then_card(self, class_save, save_directory, args, kwargs)
 
     def push_to_hub(self, repo_id: str, *, exist_ok: bool = True, **kwargs) -> str:
-        return push_to_hub(self, repo_id, exist_ok=exist_ok, **_hub_kwargs(kwargs))
-
-
-def _hub_kwargs(kwargs: dict) -> dict:
-    """Accept transformers' push_to_hub keywords; refuse those that would change what is uploaded."""
-    kwargs.pop("tags", None)  # our card carries its own tags
-    for ignored in ("max_shard_size", "safe_serialization"):
-        kwargs.pop(ignored, None)
-    kwargs.pop("commit_description", None)
-    known = {"token", "private", "commit_message", "base_model", "results", "revision", "create_pr", "exist_ok"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"push_to_hub got unexpected keyword arguments {unknown}")
-    return kwargs
+        return push_to_hub(self, repo_id, exist_ok=exist_ok, **kwargs)
 
 
 def enable_hub_cards(model, tags: list[str] | None = None) -> None:
@@ -156,14 +205,10 @@ def enable_hub_cards(model, tags: list[str] | None = None) -> None:
     class_save = type(model).save_pretrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if kwargs.get("push_to_hub"):
-            raise ValueError("save_pretrained(push_to_hub=True) would upload transformers' generic card; "
-                             "call model.push_to_hub(repo_id) instead")
-        class_save(self, save_directory, *args, **kwargs)
-        write_card(self, save_directory)
+        _save_then_card(self, class_save, save_directory, args, kwargs)
 
     def push(self, repo_id: str, *, exist_ok: bool = True, **kwargs) -> str:
-        return push_to_hub(self, repo_id, exist_ok=exist_ok, **_hub_kwargs(kwargs))
+        return push_to_hub(self, repo_id, exist_ok=exist_ok, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
     model.push_to_hub = types.MethodType(push, model)

@@ -9,7 +9,6 @@ validates exactly as the Hub validates it.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class RenderedCard:
 
 
 def render_card(folder: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None,
-                results: list[dict] | None = None, model=None) -> RenderedCard:
+                results: list[dict] | None = None, model=None, tags: list[str] | None = None) -> RenderedCard:
     """Card for the checkpoint in ``folder``.
 
     Args:
@@ -55,6 +54,7 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, base_mode
         base_model: Hub id of the model it was made from; defaults to what ``record_card_inputs`` stored.
         results: measured results (``artifacts.perplexity_result``); added to the recorded ones.
         model: the in-memory model, when the caller has it (saves reloading a quantized checkpoint for its plan).
+        tags: extra Hub tags.
     """
     artifact = inspect_checkpoint(folder)
     recorded = read_card_inputs(folder)
@@ -62,6 +62,7 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, base_mode
     results = recorded["results"] + list(results or [])
     repo_id = repo_id or artifact.folder.resolve().name
     fields, image = _RENDERERS[artifact.kind](artifact, model)
+    fields["tags"] = [*fields.get("tags", []), *(tags or [])]
     return _assemble(artifact, repo_id, base_model, results, fields, image)
 
 
@@ -90,11 +91,10 @@ def _assemble(artifact, repo_id, base_model, results, fields, image) -> Rendered
         tags=["hf-compress", artifact.kind.replace("_", "-"), *fields.pop("tags", [])],
         model_name=model_name if evals else None, eval_results=evals or None,
     )
-    intro = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "This model was"
     template = {"ln_free_compatible": "ln_free"}.get(artifact.kind, artifact.kind)
     text = (resources.files("hf_compress") / "model_cards" / f"{template}.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(
-        data, template_str=text, model_name=model_name, repo_id=repo_id, base_model=base_model, intro=intro,
+        data, template_str=text, model_name=model_name, repo_id=repo_id, base_model=base_model,
         weight_size=format_bytes(artifact.weight_bytes), plot_file=PLOT_FILE, results=_results_text(results), **fields,
     )
     return RenderedCard(card, {PLOT_FILE: image} if image else {})
@@ -104,13 +104,24 @@ def _results_text(results: list[dict]) -> str:
     if not results:
         return "Not measured: no evaluation was recorded for this checkpoint (`hf-compress eval PATH --record`)."
     lines = ["| metric | value | dataset | split | protocol |", "|---|---|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['value']:.4g} | {r['dataset_name'] or r['dataset']} | {r['split'] or '—'} | "
-              f"{r['protocol'] or '—'} |" for r in results]
+    lines += [f"| {_cell(r['metric'])} | {r['value']:.4g} | {_cell(r['dataset_name'] or r['dataset'])} | "
+              f"{_cell(r['split'] or '—')} | {_cell(r['protocol'] or '—')} |" for r in results]
     return "\n".join(lines)
 
 
+def _cell(value) -> str:
+    """A value as one Markdown table cell: pipes escaped, lists as code spans (regexes stay readable)."""
+    if isinstance(value, (list, tuple)):
+        text = ", ".join(f"`{v}`" for v in value) or "—"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k}: {v}" for k, v in value.items()) or "—"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _settings_rows(settings: dict) -> str:
-    return "\n".join(f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in settings.items())
+    return "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in settings.items())
 
 
 def _png(fig) -> bytes:
