@@ -74,7 +74,7 @@ def run_method(name: str, steps: int, interval: int, eval_every: int) -> dict:
     from hf_compress.integrations import LisaCallback
     from hf_compress.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("HF_COMPRESS_THREADS", "2")))
     kind, settings, lr = METHODS[name]
     model, tok = load_model()
     model.config.use_cache = False
