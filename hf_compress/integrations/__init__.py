@@ -4,7 +4,7 @@ Names load lazily: the registered architectures import ``integrations.hub`` whil
 importing, and must not pull in ``transformers.Trainer`` (LISA) at that point.
 """
 
-import importlib
+from .._imports import lazy_attributes
 
 _LAZY = {
     "LisaCallback": ".lisa", "LisaConfig": ".lisa", "LisaSchedule": ".lisa",
@@ -12,9 +12,4 @@ _LAZY = {
     "push_to_hub": ".hub", "render_card": ".model_card",
 }
 __all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

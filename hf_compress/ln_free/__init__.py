@@ -6,7 +6,7 @@ Submodules load lazily: the configurations must be importable while transformers
 
 from __future__ import annotations
 
-import importlib
+from .._imports import lazy_attributes
 
 _LAZY = {
     "FakeLayerNorm": "norms",
@@ -33,9 +33,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,12 +6,11 @@ importing; the model classes register themselves the first time such a config is
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 from huggingface_hub.dataclasses import strict
 from transformers.models.gpt2.configuration_gpt2 import GPT2Config
 from transformers.models.llama.configuration_llama import LlamaConfig
+
+from .._imports import register_model_module
 
 
 @strict
@@ -47,7 +46,4 @@ def register() -> None:
 
 
 def _register_model_class() -> None:
-    module = sys.modules.get("hf_compress.ln_free.modeling")
-    if module is not None and not hasattr(module, "register"):
-        return  # being imported right now; whoever imports it registers it
-    importlib.import_module("hf_compress.ln_free.modeling").register()
+    register_model_module("hf_compress.ln_free.modeling")

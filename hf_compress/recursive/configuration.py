@@ -6,12 +6,10 @@ transformers is still importing; the model class registers itself the first time
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
+from .._imports import register_model_module
 from .sharing import check_recursion, loop_boundaries
 
 
@@ -58,7 +56,4 @@ def register() -> None:
 
 
 def _register_model_class() -> None:
-    module = sys.modules.get("hf_compress.recursive.modeling")
-    if module is not None and not hasattr(module, "register"):
-        return  # being imported right now; whoever imports it registers it
-    importlib.import_module("hf_compress.recursive.modeling").register()
+    register_model_module("hf_compress.recursive.modeling")
