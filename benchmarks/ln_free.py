@@ -232,21 +232,18 @@ ROW_CACHE = LnFreeRowCache("bench_ln_free", __file__)
 SMOL_DIVERGED = (
     "Analysis: the LN-free run diverged — its training loss rose from 3.60 to {climb} while the 30 "
     "post_attention_layernorms went (0-based steps 2-7) and turned NaN at step {step} (1-based: the first step "
-    "without the QK norms of layers 0-4). Diagnosis (forward-only probes on the original model, 4 × 128 valid tokens, not part of the rows): "
-    "SmolLM2 has massive activations — position 0 has a residual RMS of ~940 against ~6 for the other tokens in layers "
-    "12-28 (|x| up to 2.3e4) — so one σ_avg for all positions (~13; the earlier 8-step run, all groups at once) scaled position 0 up ~70× and overflowed at once; a "
-    "separate position-0 σ keeps position 0 in range (RMS ~760 in the probe below), but not the runaway of the "
-    "other tokens: with a frozen σ, a token whose residual "
-    "is k× the average feeds its MLP k× larger inputs, SwiGLU (silu(gate)·up, quadratic for large inputs) returns "
-    "~k²× larger outputs, and the next layers amplify it again. Removing only the MLP norms of layers 10-29 "
-    "(position-0 σ on, no training) takes the largest non-position-0 residual RMS from 88 to 197, 9.3e3, 1.1e7, 2e13, inf and "
-    "the loss to NaN within six layers; layers 0-9 do the same (their outliers, some ' the' and ' ' tokens, sit at "
-    "~9× the mean σ). GPT-2's GELU MLP grows only linearly, which is why the small GPT-2 survives several norms a "
-    "step. The paper removes one norm every 2-3 steps of 0.5M tokens so the weights can shrink such tokens before the "
-    "next removal; 5 norms per 512-token step at lr 1e-4 gives no time to adapt, and lr or clipping cannot help once "
-    "the forward overflows. A faithful SmolLM2 run needs one norm per several steps (≥ 200 steps) on far more "
-    "tokens — beyond this CPU budget; the vanilla fine-tune of the same {steps} steps is the reference it would "
-    "have to approach.")
+    "without the QK norms of layers 0-4). The forward probes in the section \"LayerNorm-free: SmolLM2 forward probes\" ("
+    "`python benchmarks/ln_free_probe.py`, "
+    "no training) show why: SmolLM2's position-0 residual is two orders of magnitude larger than the other tokens', "
+    "and freezing MLP-input norms at their average σ sends the largest residual to inf within a few layers — with "
+    "one σ for all positions, and with the separate position-0 σ too (then driven by other tokens). With a frozen σ, "
+    "a token whose residual is k× the average feeds its MLP k× larger inputs; SwiGLU (silu(gate)·up, quadratic for "
+    "large inputs) returns roughly k²× larger outputs, and the next layers amplify it again. GPT-2's GELU MLP grows "
+    "only linearly, which is consistent with the small GPT-2 surviving several norms a step. The paper removes one "
+    "norm every 2-3 steps of 0.5M tokens so the weights can shrink such tokens before the next removal; 5 norms per "
+    "512-token step at lr 1e-4 gives no time to adapt, and lr or clipping cannot help once the forward overflows. A "
+    "faithful SmolLM2 run needs one norm per several steps on far more tokens — beyond this CPU budget (not "
+    "measured); the vanilla fine-tune of the same {steps} steps is the reference it would have to approach.")
 
 
 GROUP_COLOURS = {"ln_2": "tab:green", "ln_1qk": "tab:orange", "ln_1v": "tab:red", "ln_f": "black", "pos0": "tab:gray"}

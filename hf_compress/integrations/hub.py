@@ -63,13 +63,17 @@ def push_to_hub(source, repo_id: str, *, token: str | None = None, private: bool
                             results if results is not None else inputs.get("results"), **request)
 
 
-def _plain_save(model, folder, **kwargs) -> None:
-    """The class's own ``save_pretrained`` (not an instance hook), so the card is rendered once, by the caller."""
-    for cls in type(model).__mro__:  # skip our own mixin: it would write a card too
+def _class_save_pretrained(model):
+    """transformers'/PEFT's ``save_pretrained`` for ``model``'s class, skipping our mixin and any instance hook."""
+    for cls in type(model).__mro__:
         if "save_pretrained" in vars(cls) and cls is not HubCardMixin:
-            vars(cls)["save_pretrained"](model, folder, **kwargs)
-            return
+            return vars(cls)["save_pretrained"]
     raise TypeError(f"cannot push a {type(model).__name__}: it has no save_pretrained (pass a checkpoint folder)")
+
+
+def _plain_save(model, folder, **kwargs) -> None:
+    """Save without a card, so the caller renders it once."""
+    _class_save_pretrained(model)(model, folder, **kwargs)
 
 
 def _push_folder(folder, model, base_model, results, *, repo_id, api, private, exist_ok, tags, commit_message,
@@ -187,9 +191,7 @@ class HubCardMixin:
     uploads through :func:`push_to_hub` (with transformers' default of adding a commit to an existing repo)."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        class_save = next(vars(c)["save_pretrained"] for c in type(self).__mro__
-                          if "save_pretrained" in vars(c) and c is not HubCardMixin)
-        _save_then_card(self, class_save, save_directory, args, kwargs)
+        _save_then_card(self, _class_save_pretrained(self), save_directory, args, kwargs)
 
     def push_to_hub(self, repo_id: str, *, exist_ok: bool = True, **kwargs) -> str:
         return push_to_hub(self, repo_id, exist_ok=exist_ok, **kwargs)
@@ -202,10 +204,8 @@ def enable_hub_cards(model, tags: list[str] | None = None) -> None:
         return
     if tags and hasattr(model, "add_model_tags"):
         model.add_model_tags(["hf-compress", *tags])
-    class_save = type(model).save_pretrained
-
     def save_pretrained(self, save_directory, *args, **kwargs):
-        _save_then_card(self, class_save, save_directory, args, kwargs)
+        _save_then_card(self, _class_save_pretrained(self), save_directory, args, kwargs)
 
     def push(self, repo_id: str, *, exist_ok: bool = True, **kwargs) -> str:
         return push_to_hub(self, repo_id, exist_ok=exist_ok, **kwargs)

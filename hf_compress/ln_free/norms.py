@@ -7,8 +7,8 @@ value, so σ_avg is the average σ just before removal (the paper's choice). The
 ``forward`` is the identity and the q/k and v projections call :meth:`qk` and :meth:`v` themselves (see swap.py).
 
 Position 0 (the papers' BOS special case): its residual stream can be far larger than every other token's (an
-attention sink; SmolLM2's is ~940 vs ~6 in layers 12-28), so one σ_avg for all positions scales it up by ~100× and
-the model diverges. With ``first_special`` set (``make_removable(model, position0=True)``) the norm tracks two EMAs,
+attention sink; SmolLM2's is up to 164× the others', benchmarks/ln_free_probe.py), so one σ_avg for all positions
+scales it up by two orders of magnitude and the model diverges. With ``first_special`` set (``make_removable(model, position0=True)``) the norm tracks two EMAs,
 position 0 and positions 1:, and a removed norm divides position 0 by its own frozen σ. Which rows are position 0
 comes from the model's ``position_ids`` (a hook set by swap.py; sequence index 0 when called on its own).
 ``remove(model, "pos0")`` (the schedule's optional last event) collapses it to the shared σ_avg, as the papers do.
