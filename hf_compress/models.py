@@ -72,7 +72,7 @@ def default_model_dir() -> Path:
     from .checkpoint import atomic_directory
 
     model, tokenizer = load_gguf(default_gguf_path())
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:  # our own cache folder (maybe a partial copy)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

@@ -22,14 +22,14 @@ def dense_dir(tmp_path):
 
 
 def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys):
-    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "3", "--group-size", "32"]) == 0
+    assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "rtn", "--bits", "3", "--group-size", "32"]) == 0
     assert "bits/weight" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert model.config.quantization_config.plan["model.layers.0.mlp.up_proj"]["bits"] == 3
 
 
 def test_cli_errors_are_clear(dense_dir, tmp_path, capsys):
-    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "rtn", "--bits", "9"]) == 2
+    assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "rtn", "--bits", "9"]) == 2
     assert "unsupported bit width 9" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
     assert main(["eval", str(tmp_path / "nope" / "model")]) == 2
@@ -83,8 +83,8 @@ def test_cli_profile_writes_json_png_and_table(dense_dir, tmp_path, capsys):
 
 
 def test_cli_layerwise_with_target_average(dense_dir, tmp_path):
-    assert main(["quantize", str(dense_dir), str(tmp_path / "q"), "--method", "layerwise", "--score", "zd",
+    assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "layerwise", "--score", "zd",
                  "--bits", "4", "--low-bits", "2", "--target-bits", "3", "--solver", "rtn", "--group-size", "32"]) == 0
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config
     assert sorted(cfg.layer_bits) == [2, 4]
-    assert main(["quantize", str(dense_dir), str(tmp_path / "r"), "--method", "layerwise", "--target-bits", "5"]) == 2
+    assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "r"), "--method", "layerwise", "--target-bits", "5"]) == 2

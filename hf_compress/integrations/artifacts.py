@@ -68,33 +68,46 @@ def inspect_checkpoint(folder: str | os.PathLike) -> Artifact:
         raise ValueError(f"{folder} holds pickle weight files ({', '.join(pickles)}); hf-compress publishes safetensors only")
     for f in folder.glob("*.safetensors"):
         verify_safetensors_file(f)
-    if (folder / "adapter_config.json").is_file():
-        adapter = _read_json(folder / "adapter_config.json")
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
-        kind = "relaxed_lora" if adapter.get("peft_type") == RELAXED_PEFT_TYPE else "adapter"
-        return Artifact(kind, folder, adapter_config=adapter)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has neither config.json nor adapter_config.json: not a saved model or adapter")
-    config = _read_json(folder / "config.json")
-    if not list(folder.glob("*.safetensors")):
-        raise ValueError(f"{folder} has a config.json but no *.safetensors weights")
-    quant = config.get("quantization_config") or {}
-    model_type = config.get("model_type", "")
-    if str(quant.get("quant_method", "")).startswith("hfc_"):
-        kind = "quantized"
-    elif model_type == "hfc_recursive_llama":
-        kind = "recursive"
-    elif model_type.startswith("hfc_ln_free"):
-        kind = "ln_free"
-    elif model_type == "gpt2" and config.get("layer_norm_epsilon", 0) >= COMPAT_LN_FREE_MIN_EPS:
-        kind = "ln_free_compatible"
-    else:
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+    if not (folder / "adapter_config.json").is_file():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} has neither config.json nor adapter_config.json: not a saved model or adapter")
+        if not list(folder.glob("*.safetensors")):
+            raise ValueError(f"{folder} has a config.json but no *.safetensors weights")
+    kind = artifact_kind(folder)
+    if kind is None:
+        model_type = _read_json(folder / "config.json").get("model_type", "")
         raise ValueError(
             f"{folder} is a plain {model_type or 'unknown'} checkpoint, not one hf-compress made "
             "(no hfc_* quantization_config, recursive or LN-free model type); push it with transformers' push_to_hub"
         )
-    return Artifact(kind, folder, config=config)
+    if kind in ("relaxed_lora", "adapter"):
+        return Artifact(kind, folder, adapter_config=_read_json(folder / "adapter_config.json"))
+    return Artifact(kind, folder, config=_read_json(folder / "config.json"))
+
+
+def artifact_kind(folder: str | os.PathLike) -> str | None:
+    """The kind of hf-compress artifact ``folder``'s metadata describes, or None when it is none (a plain
+    checkpoint, or no checkpoint at all). Reads only the JSON configs."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        adapter = _read_json(folder / "adapter_config.json")
+        return "relaxed_lora" if adapter.get("peft_type") == RELAXED_PEFT_TYPE else "adapter"
+    if not (folder / "config.json").is_file():
+        return None
+    config = _read_json(folder / "config.json")
+    quant = config.get("quantization_config") or {}
+    model_type = config.get("model_type", "")
+    if str(quant.get("quant_method", "")).startswith("hfc_"):
+        return "quantized"
+    if model_type == "hfc_recursive_llama":
+        return "recursive"
+    if model_type.startswith("hfc_ln_free"):
+        return "ln_free"
+    if model_type == "gpt2" and config.get("layer_norm_epsilon", 0) >= COMPAT_LN_FREE_MIN_EPS:
+        return "ln_free_compatible"
+    return None
 
 
 def upload_files(folder: str | os.PathLike) -> list[Path]:
