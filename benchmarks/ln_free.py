@@ -1,7 +1,7 @@
 """LayerNorm removal by fine-tuning (Heimersheim 2024; Baroni et al. 2025), scaled to this CPU.
 
 Small GPT-2 (char-level, 4L/4H/128, trained from scratch on TinyShakespeare by
-``python -m hf_compress.ln_free.small_gpt2``): the original, a vanilla fine-tune and the LN-free fine-tune (± the
+``python -m hf_compress.methods.ln_free.small_gpt2``): the original, a vanilla fine-tune and the LN-free fine-tune (± the
 auxiliary residual-norm loss) for the same steps, data and optimiser; held-out loss = mean CE on the last 10% of
 TinyShakespeare (every full 128-token window). The LN-free rows also check both exports against the fine-tuned
 model and direct logit attribution on the structural export.
@@ -46,13 +46,13 @@ AUX_WEIGHT = 0.1
 
 
 def gpt2_schedule():
-    from hf_compress.ln_free import LNRemovalSchedule
+    from hf_compress.methods.ln_free import LNRemovalSchedule
 
     return LNRemovalSchedule(start=50, gap_ln2=10, gap_ln1qk=15, gap_ln1v=15, gap_ln_f=15)
 
 
 def smol_schedule():
-    from hf_compress.ln_free import LNRemovalSchedule
+    from hf_compress.methods.ln_free import LNRemovalSchedule
 
     # the paper's order, gradually: 5 layers per step, one group after the other, then ln_f (all gone at step 21)
     return LNRemovalSchedule(start=2, gap_ln2=1, gap_ln1qk=1, gap_ln1v=1, gap_ln_f=2, layers_per_step=5)
@@ -62,7 +62,7 @@ def finetune(model, windows, steps, batch, lr, schedule=None, aux=0.0, warmup=0,
     """Trainer fine-tune on ``windows`` (same order for every row); LN removal when ``schedule`` is given."""
     from transformers import TrainerCallback, TrainingArguments
 
-    from hf_compress.ln_free import LNFreeTrainer, LNRemovalCallback
+    from hf_compress.methods.ln_free import LNFreeTrainer, LNRemovalCallback
 
     class Losses(TrainerCallback):
         def __init__(self):
@@ -108,7 +108,7 @@ def _gpt2_data():
 
     from transformers import AutoTokenizer
 
-    from hf_compress.ln_free.small_gpt2 import SmallGPT2Spec, data_path, small_gpt2, split_ids, train_batches
+    from hf_compress.methods.ln_free.small_gpt2 import SmallGPT2Spec, data_path, small_gpt2, split_ids, train_batches
 
     spec = SmallGPT2Spec()
     path = small_gpt2(spec)
@@ -123,8 +123,8 @@ def export_checks(model, held, block) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_compress.ln_free import direct_logit_attribution, export_compatible, export_structural
-    from hf_compress.ln_free.small_gpt2 import heldout_loss
+    from hf_compress.methods.ln_free import direct_logit_attribution, export_compatible, export_structural
+    from hf_compress.methods.ln_free.small_gpt2 import heldout_loss
 
     ids = held[: 4 * block].view(4, block)
     out = {}
@@ -150,7 +150,7 @@ def export_checks(model, held, block) -> dict:
 def run_gpt2(kind: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from hf_compress.ln_free.small_gpt2 import heldout_loss
+    from hf_compress.methods.ln_free.small_gpt2 import heldout_loss
 
     path, spec, windows, held = _gpt2_data()
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -183,7 +183,7 @@ def run_smollm2(kind: str) -> dict:
         windows = ids[: n * SMOL_SEQ].view(n, SMOL_SEQ)[order]
         schedule = None
         if kind == "lnfree":
-            from hf_compress.ln_free import estimate_std, make_removable
+            from hf_compress.methods.ln_free import estimate_std, make_removable
 
             make_removable(model, position0=True)
             estimate_std(model, [windows[:SMOL_BATCH]])
@@ -194,7 +194,7 @@ def run_smollm2(kind: str) -> dict:
             result["perplexity"] = None
             return result
         if kind == "lnfree":
-            from hf_compress.ln_free import to_structural
+            from hf_compress.methods.ln_free import to_structural
 
             ref_ids = windows[:1]
             with torch.no_grad():
@@ -308,7 +308,7 @@ def write_results(results: dict) -> None:
         "",
         f"**Small GPT-2** (char-level, {pre.get('n_layer')}L/{pre.get('n_head')}H/{pre.get('n_embd')}, block "
         f"{pre.get('block')}, trained from scratch {pre.get('steps')} steps × {pre.get('batch')} windows by "
-        "`python -m hf_compress.ln_free.small_gpt2`). Fine-tunes: the same "
+        "`python -m hf_compress.methods.ln_free.small_gpt2`). Fine-tunes: the same "
         f"{GPT2_STEPS} Trainer steps × {GPT2_BATCH} windows of the train split (seeded), AdamW lr {GPT2_LR} cosine, "
         "warmup 20, wd 0.01, clip 1.0. LN-free schedule: ln_2 every 10 steps from 50, ln_1qk and ln_1v every 15, ln_f "
         f"15 later (all gone at step {gpt2_schedule().last_step(4)}); aux row adds {AUX_WEIGHT} × residual-norm loss at "

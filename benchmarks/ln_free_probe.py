@@ -37,8 +37,8 @@ def main() -> None:
     import torch
 
     from hf_compress.calibration.data import default_text_source, load_text, tokenize_text
-    from hf_compress.ln_free import estimate_std, make_removable
-    from hf_compress.ln_free.swap import remove
+    from hf_compress.methods.ln_free import estimate_std, make_removable
+    from hf_compress.methods.ln_free.swap import remove
     from hf_compress.models import load_model
 
     torch.manual_seed(0)

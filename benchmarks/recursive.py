@@ -46,8 +46,8 @@ def _text_ids(split, tok):
 
 def build(row: str, original):
     """The model a row measures (before any training)."""
-    from hf_compress.recursive import convert, relax
-    from hf_compress.recursive.sharing import init_sources
+    from hf_compress.methods.recursive import convert, relax
+    from hf_compress.methods.recursive.sharing import init_sources
 
     kind, *rest = row.split(":")
     if kind == "original":
@@ -100,7 +100,7 @@ def evaluate(model, tok, recursive: bool) -> dict:
     import torch.nn.functional as F
 
     from hf_compress.evaluation import eval_windows
-    from hf_compress.recursive import loop_logits, oracle_exit_loops, simulate_throughput
+    from hf_compress.methods.recursive import loop_logits, oracle_exit_loops, simulate_throughput
 
     windows = eval_windows(_text_ids("test", tok), 512, 40)
     nll = [0.0, 0.0]
@@ -129,7 +129,7 @@ def evaluate(model, tok, recursive: bool) -> dict:
 
 def sizes(model) -> dict:
     """Unique parameters and the bytes of what save_pretrained writes (base + adapter for relaxed rows)."""
-    from hf_compress.recursive.relaxed_lora import save_relaxed
+    from hf_compress.methods.recursive.relaxed_lora import save_relaxed
 
     params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:

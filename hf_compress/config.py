@@ -12,12 +12,13 @@ import re
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .calibration.data import CalibrationSpec
-from .formats.grid import QuantSpec
+from hf_compress.calibration.data import CalibrationSpec
+from hf_compress.formats.grid import QuantSpec
+from hf_compress.registry import option_groups, resolve
 
 _COMMON_KEYS = {
     "bits", "group_size", "sym", "modules_to_not_convert", "dataset", "num_samples", "seq_len", "seed",
-    "tokenizer", "plan", "quant_method", "report", "rotate", "rotation_seed", "token_weighting", "r_min",
+    "tokenizer", "plan", "quant_method", "report",
 }
 
 
@@ -35,10 +36,8 @@ class HfcConfig(QuantizationConfigMixin):
         tokenizer: tokenizer name or path for quantize-on-load (default: the model's own path).
         plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
             widths per module); otherwise quantization fills it in. Loading reads nothing else.
-        rotate, rotation_seed: fold norms and rotate the residual stream before quantizing (RSQ/QuaRot; Llama
-            family). The checkpoint stays a plain model with untied, rotated weights.
-        token_weighting: ``"attention"`` weights each token's Hessian contribution by the attention it receives
-            (RSQ); ``r_min`` is the smallest weight. Needs a calibrated solver.
+        Options of the registered option groups (``registry.register_option_group``; e.g. rotation and token
+        weighting from ``methods/rsq``) are accepted by every config.
     """
 
     quant_method = "hfc_base"
@@ -46,8 +45,7 @@ class HfcConfig(QuantizationConfigMixin):
     needs_calibration = False
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
-                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, rotate=False,
-                 rotation_seed=0, token_weighting=None, r_min=0.01, **kwargs):
+                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, **kwargs):
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym = bits, group_size, sym
         QuantSpec(bits, group_size, sym)  # validates eagerly: a bad config fails at construction
@@ -56,16 +54,18 @@ class HfcConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.plan = None if plan is None else {k: QuantSpec.from_dict(v).to_dict() for k, v in plan.items()}
         self.report = report
-        if token_weighting not in (None, "attention"):
-            raise ValueError(f"token_weighting must be None or 'attention', got {token_weighting!r}")
-        if not 0 < r_min <= 1:
-            raise ValueError(f"r_min must be in (0, 1], got {r_min}")
-        self.rotate, self.rotation_seed, self.token_weighting, self.r_min = bool(rotate), rotation_seed, token_weighting, r_min
+        groups = option_groups()
+        for group in groups:
+            for key, default in group.defaults.items():
+                setattr(self, key, kwargs.pop(key, default))
         unknown = set(kwargs) - set(self.method_keys) - _COMMON_KEYS
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown options {sorted(unknown)}")
         for key, value in kwargs.items():
             setattr(self, key, value)
+        for group in groups:
+            if group.validate:
+                resolve(group.validate)(self)
 
     # -- calibration ---------------------------------------------------------------------------------------
     def calibration_spec(self, override=None) -> CalibrationSpec | None:
@@ -91,7 +91,7 @@ class HfcConfig(QuantizationConfigMixin):
     def resolve_plan(self, model: nn.Module, batches=None) -> dict[str, QuantSpec]:
         """The plan to execute: the given ``plan`` (per-module specs, e.g. mixed bit widths) if set, else a
         uniform plan over every linear-like module inside the decoder blocks (embeddings and head stay dense)."""
-        from .calibration.discovery import decoder_layers, is_linear_like, quantizable_modules
+        from hf_compress.calibration.discovery import is_linear_like
 
         if self.plan:
             plan = self.plan_specs()
@@ -100,15 +100,34 @@ class HfcConfig(QuantizationConfigMixin):
             if bad:
                 raise ValueError(f"plan names modules that are not linear layers of this model: {bad[:5]}")
             return plan
+        return {name: self.default_spec() for name in self.planned_module_names(model)}
+
+    def planned_module_names(self, model: nn.Module) -> list[str]:
+        """Decoder linears this config quantizes (``modules_to_not_convert`` applied); never empty."""
+        from hf_compress.calibration.discovery import decoder_layers, quantizable_modules
+
         prefix, layers = decoder_layers(model)
-        plan = {}
-        for rel, _mod in quantizable_modules(layers):
-            name = f"{prefix}.{rel}"
-            if not self.is_excluded(name):
-                plan[name] = self.default_spec()
-        if not plan:
+        names = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers) if not self.is_excluded(f"{prefix}.{rel}")]
+        if not names:
             raise ValueError("nothing to quantize: every linear module was excluded by modules_to_not_convert")
-        return plan
+        return names
+
+    # -- hooks of the option groups -----------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Transform ``model`` before planning (each option group's ``prepare_model``, e.g. a rotation)."""
+        for group in option_groups():
+            if group.prepare_model:
+                resolve(group.prepare_model)(model, self)
+
+    def token_weights(self):
+        """A ``run_sequential`` token-weight callback, or None (at most one option group may weight tokens)."""
+        found = [w for g in option_groups() if g.token_weights for w in [resolve(g.token_weights)(self)] if w is not None]
+        if len(found) > 1:
+            raise ValueError("more than one option group weights calibration tokens; choose one")
+        if found and not self.solver_needs_statistics:
+            raise ValueError(f"token weighting weights calibration Hessians; {type(self).__name__} with this solver "
+                             "uses none")
+        return found[0] if found else None
 
     def plan_specs(self) -> dict[str, QuantSpec]:
         if not self.plan:
@@ -125,60 +144,3 @@ class HfcConfig(QuantizationConfigMixin):
         if isinstance(out.get("dataset"), (list, tuple)):
             out["dataset"] = f"<{len(out['dataset'])} in-memory strings>"
         return out
-
-
-class RTNConfig(HfcConfig):
-    """Round-to-nearest; no calibration data. ``clip_grid > 0`` searches a clipping range per group."""
-
-    quant_method = "hfc_rtn"
-    method_keys = ("clip_grid",)
-
-    def __init__(self, bits=4, group_size=128, sym=False, clip_grid=0, **kwargs):
-        super().__init__(bits=bits, group_size=group_size, sym=sym, clip_grid=clip_grid, **kwargs)
-
-    def solve(self, weight, stats, spec, name=None):
-        from .solvers.rtn import rtn_quantize
-
-        return rtn_quantize(weight, spec, None if stats is None else stats.hessian, self.clip_grid)
-
-
-class GPTQConfig(HfcConfig):
-    """GPTQ with damping, lazy blocks, act-order (static groups), clip search and true-sequential order.
-
-    Args:
-        damp: Hessian damping as a fraction of its mean diagonal.
-        block_size: columns per lazy update block.
-        act_order: quantize columns by descending Hessian diagonal.
-        clip_grid: candidate range shrinks per group (0 disables the clipping search).
-        dataset: calibration source (required).
-    """
-
-    quant_method = "hfc_gptq"
-    method_keys = ("damp", "block_size", "act_order", "clip_grid")
-    needs_calibration = True
-
-    def __init__(self, bits=4, group_size=128, sym=False, damp=0.01, block_size=128, act_order=True, clip_grid=20, **kwargs):
-        if not 0 <= damp < 1:
-            raise ValueError(f"damp must be in [0, 1), got {damp}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        super().__init__(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
-                         act_order=act_order, clip_grid=clip_grid, **kwargs)
-
-    def solve(self, weight, stats, spec, name=None):
-        return run_solver("gptq", self, weight, stats, spec)
-
-
-def run_solver(solver: str, config: HfcConfig, weight, stats, spec: QuantSpec, col_bits=None):
-    """Run ``"gptq"`` or ``"rtn"`` with the config's solver options; shared by every planner config."""
-    if solver == "rtn":
-        from .solvers.rtn import rtn_quantize
-
-        return rtn_quantize(weight, spec, None if stats is None else stats.hessian, config.clip_grid, col_bits=col_bits)
-    from .solvers.gptq import gptq_quantize
-
-    return gptq_quantize(weight, stats.hessian, spec, damp=config.damp, block_size=config.block_size,
-                         act_order=config.act_order, clip_grid=config.clip_grid, col_bits=col_bits)
-
-
-CONFIG_CLASSES = (RTNConfig, GPTQConfig)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .calibration.data import load_text, tokenize_text
-from .formats.linear import dequantization_cache
+from hf_compress.calibration.data import load_text, tokenize_text
+from hf_compress.formats.linear import dequantization_cache
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

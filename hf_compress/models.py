@@ -69,7 +69,7 @@ def default_model_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
-    from .checkpoint import atomic_directory
+    from hf_compress.checkpoint.atomic import atomic_directory
 
     model, tokenizer = load_gguf(default_gguf_path())
     with atomic_directory(target, overwrite=True) as tmp:  # our own cache folder (maybe a partial copy)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .formats.linear import PackedLinear
-from .report import module_bits
+from hf_compress.formats.linear import PackedLinear
+from hf_compress.report import module_bits
 
 
 def plan_rows(model: nn.Module) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .formats.linear import PackedLinear
+from hf_compress.formats.linear import PackedLinear
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from hf_compress.cli import main
+from hf_compress.cli.commands import main
 
 from conftest import REPO, save_char_tokenizer, subprocess_env, tiny_llama
 
@@ -46,28 +46,41 @@ def test_optimum_cli_exposes_the_commands():
     assert "--group-size" in run.stdout
 
 
-def test_wheel_ships_subpackages_hook_and_cards(tmp_path):
+def test_wheel_ships_root_folders_hook_and_cards_and_loads_a_checkpoint(tmp_path):
     run = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("hf_compress/kernels/__init__.py", "hf_compress/integrations/__init__.py",
-                     "hf_compress/model_cards/quantized.md", "hf_compress-autoload.pth",
+    for required in ("hf_compress/kernels/dispatch.py", "hf_compress/integrations/hub.py",
+                     "hf_compress/integrations/autoload.py", "hf_compress/model_cards/quantized.md",
+                     "hf_compress/methods/gptq/config.py", "hf_compress-autoload.pth",
                      "_hf_compress_autoload.py", "optimum/commands/register/hf_compress.py"):
-        assert any(n == required or n.endswith(required) for n in names), required
+        assert required in names, required
+    assert not any(n.startswith(("kernels/", "integrations/", "model_cards/")) for n in names)  # no top-level packages
+    assert not any("site_packages" in n for n in names)
     target = tmp_path / "site"
     run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    code = ("import hf_compress, hf_compress.kernels, hf_compress.integrations, importlib.resources as r;"
-            "print(hf_compress.__file__);"
-            "print((r.files('hf_compress') / 'model_cards' / 'quantized.md').is_file())")
+    # a fresh interpreter with the wheel's files first on the path, its .pth processed as site-packages would:
+    # the start hook registers, and a v1 checkpoint loads with the reference logits, without `import hf_compress`
+    code = ("import site, sys; site.addsitedir(sys.argv[1]);"
+            "import torch; from transformers import AutoModelForCausalLM; from safetensors.torch import load_file;"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[2]);"
+            "ref = load_file(sys.argv[3])['v1_baq_llama'];"
+            "out = m(torch.tensor([[3, 17, 42, 99, 5, 64, 23, 77, 8, 120, 1, 56]])).logits;"
+            "import hf_compress.kernels.dispatch as k, importlib.resources as r;"
+            "print(hf_compress.__file__, k.__file__, (r.files('hf_compress.model_cards') / 'quantized.md').is_file(), torch.equal(out, ref))")
+    fixtures = REPO / "tests" / "fixtures"
     env = subprocess_env(PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code.replace("hf_compress.__file__", "sys.modules['hf_compress'].__file__"),
+                          str(target), str(fixtures / "v1_baq_llama"), str(fixtures / "v1_reference_logits.safetensors")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    first, second = out.stdout.split()
-    assert first.startswith(str(target)) and second == "True"
+    package, kernel, card, same = out.stdout.split()[-4:]
+    assert package.startswith(str(target)) and kernel.startswith(str(target / "hf_compress" / "kernels"))
+    assert card == "True" and same == "True"
 
 
 def test_cli_profile_writes_json_png_and_table(dense_dir, tmp_path, capsys):
@@ -84,7 +97,7 @@ def test_cli_profile_writes_json_png_and_table(dense_dir, tmp_path, capsys):
 
 def test_cli_layerwise_with_target_average(dense_dir, tmp_path):
     assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "layerwise", "--score", "zd",
-                 "--bits", "4", "--low-bits", "2", "--target-bits", "3", "--solver", "rtn", "--group-size", "32"]) == 0
+                 "--high-bits", "4", "--low-bits", "2", "--target-bits", "3", "--solver", "rtn", "--group-size", "32"]) == 0
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config
     assert sorted(cfg.layer_bits) == [2, 4]
     assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "r"), "--method", "layerwise", "--target-bits", "5"]) == 2

@@ -16,7 +16,7 @@ from hub_standin import GOOD_TOKEN, HubStandIn, installed
 
 import hf_compress
 from hf_compress import cli
-from hf_compress.integrations import perplexity_result, record_card_inputs
+from hf_compress.integrations.card_inputs import perplexity_result, record_card_inputs
 from hf_compress.integrations.model_card import PLOT_FILE
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -182,7 +182,7 @@ def test_bad_input_gives_clear_errors(hub, quantized, tmp_path, monkeypatch):
 def test_recursive_model_and_relaxed_adapter_push(hub, tmp_path):
     from peft import PeftModel
 
-    from hf_compress.recursive import convert, relax, save_relaxed
+    from hf_compress.methods.recursive import convert, relax, save_relaxed
 
     original = tiny_llama()
     rec = convert(original, num_loops=2, init="average")
@@ -215,8 +215,8 @@ def test_recursive_model_and_relaxed_adapter_push(hub, tmp_path):
 
 
 def test_ln_free_exports_push_with_their_caveats(hub, tmp_path):
-    from hf_compress.ln_free import estimate_std, export_compatible, export_structural, fake_status, make_removable
-    from hf_compress.ln_free.swap import remove
+    from hf_compress.methods.ln_free import estimate_std, export_compatible, export_structural, fake_status, make_removable
+    from hf_compress.methods.ln_free.swap import remove
 
     from conftest import tiny_gpt2
 
@@ -275,7 +275,7 @@ def test_quantized_smollm2_through_the_hub_with_plan_and_perplexity(hub, smollm2
 def test_cli_eval_record_feeds_the_card(quantized, tmp_path, text_corpus):
     from conftest import save_char_tokenizer
 
-    from hf_compress.integrations import render_card
+    from hf_compress.integrations.model_card import render_card
 
     folder = hf_compress.save_pretrained(quantized, tmp_path / "ckpt")
     save_char_tokenizer(folder)

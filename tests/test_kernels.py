@@ -54,7 +54,7 @@ def test_cpu_tensors_use_the_reference():
 
     from hf_compress.formats.grid import QuantSpec, group_params, quantize_weight
     from hf_compress.formats.linear import PackedLinear
-    from hf_compress.kernels import dequantize, dequantize_reference
+    from hf_compress.kernels.dispatch import dequantize, dequantize_reference
 
     W = torch.randn(4, 32)
     spec = QuantSpec(4, 16)

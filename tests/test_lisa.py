@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_compress.integrations import LisaCallback, LisaConfig, LisaSchedule
-from hf_compress.integrations.lisa import optimizer_state_numel
+from hf_compress.methods.lisa import LisaCallback, LisaConfig, LisaSchedule
+from hf_compress.methods.lisa.callback import optimizer_state_numel
 
 
 def llama(layers: int = 6, seed: int = 0):

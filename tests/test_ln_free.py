@@ -11,23 +11,9 @@ import torch.nn.functional as F
 from conftest import fresh_process_logits, tiny_gpt2, tiny_llama
 from transformers import TrainerCallback
 
-from hf_compress.ln_free import (
-    FakeLayerNorm,
-    FakeRMSNorm,
-    LNFreeTrainer,
-    LNRemovalCallback,
-    LNRemovalSchedule,
-    direct_logit_attribution,
-    estimate_std,
-    export_compatible,
-    export_structural,
-    fake_status,
-    make_removable,
-    to_compatible,
-    to_structural,
-)
-from hf_compress.ln_free.export import load_compatible
-from hf_compress.ln_free.swap import remove
+from hf_compress.methods.ln_free import FakeLayerNorm, FakeRMSNorm, LNFreeTrainer, LNRemovalCallback, LNRemovalSchedule, direct_logit_attribution, estimate_std, export_compatible, export_structural, fake_status, make_removable, to_compatible, to_structural
+from hf_compress.methods.ln_free.export import load_compatible
+from hf_compress.methods.ln_free.swap import remove
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 # 2 layers: ln_2 at 2, 3; ln_1qk at 5, 6; ln_1v at 8, 9 (gap 1 -> next group one step later); ln_f at 11
@@ -249,7 +235,7 @@ def test_compatible_export_in_bf16_matches_roughly(removed_gpt2):
 
 
 def test_small_gpt2_script(tmp_path):
-    from hf_compress.ln_free.small_gpt2 import SmallGPT2Spec, data_path, small_gpt2
+    from hf_compress.methods.ln_free.small_gpt2 import SmallGPT2Spec, data_path, small_gpt2
 
     try:
         data_path()
@@ -275,7 +261,7 @@ def _final_norm(model):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_position0_sigma_keeps_structural_export_exact(family, tmp_path):
-    from hf_compress.ln_free.swap import position0_active, removable_norms
+    from hf_compress.methods.ln_free.swap import position0_active, removable_norms
 
     model = make_removable((tiny_llama if family == "llama" else tiny_gpt2)(), position0=True)
     seen = []

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_compress
 from hf_compress import BAQConfig, GPTQConfig, HighImpactConfig
-from hf_compress.allocation import choose_options, equal_loss_bits
+from hf_compress.allocation.budgets import choose_options, equal_loss_bits
 from hf_compress.formats.columns import fit_column_grid, mixed_spec
 from hf_compress.formats.grid import QuantSpec
 from hf_compress.formats.linear import PackedLinear
@@ -195,7 +195,7 @@ def test_high_impact_keeps_top_fisher_channels_high(calib, char_tokenizer):
 
 
 def test_cli_baq_and_high_impact_and_plan(tmp_path, text_corpus, capsys):
-    from hf_compress.cli import main
+    from hf_compress.cli.commands import main
 
     tiny_llama().save_pretrained(tmp_path / "dense")
     save_char_tokenizer(tmp_path / "dense")
@@ -203,15 +203,15 @@ def test_cli_baq_and_high_impact_and_plan(tmp_path, text_corpus, capsys):
     data.write_text(text_corpus)
     common = ["--dataset", str(data), "--num-samples", "4", "--seq-len", "64", "--group-size", "16"]
     assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "b"), "--method", "baq", "--target-bits", "2.5", *common]) == 0
-    assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "h"), "--method", "high-impact", "--bits", "3",
+    assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "h"), "--method", "high-impact", "--high-bits", "3",
                  "--low-bits", "2", "--target-bits", "2.1", "--fisher-samples", "2", *common]) == 0
     capsys.readouterr()
     assert main(["plan", str(tmp_path / "b"), "--plot", str(tmp_path / "plan.png")]) == 0
     out = capsys.readouterr().out
     assert "| 0 |" in out and "| 1 |" in out and "bits per weight" in out
     assert (tmp_path / "plan.png").stat().st_size > 5000
-    assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "x"), "--method", "baq", *common]) == 2
-    assert "needs --target-bits" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "x"), "--method", "baq", "--score", "zd", *common]) == 2
+    assert "takes no --score" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "dense"), "--out", str(tmp_path / "x"), "--method", "baq", "--target-bits", "9", *common]) == 2
     assert "outside the allowed widths" in capsys.readouterr().err
 

@@ -9,19 +9,7 @@ import pytest
 import torch
 from conftest import fresh_process_logits, subprocess_env, tiny_gpt2
 
-from hf_compress.recursive import (
-    confidence_exit_loops,
-    convert,
-    early_exit_generate,
-    init_sources,
-    loop_logits,
-    oracle_exit_loops,
-    position_groups,
-    relax,
-    save_relaxed,
-    simulate_throughput,
-    to_llama,
-)
+from hf_compress.methods.recursive import confidence_exit_loops, convert, early_exit_generate, init_sources, loop_logits, oracle_exit_loops, position_groups, relax, save_relaxed, simulate_throughput, to_llama
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 23, 77, 8, 120, 1, 56]])
 
@@ -203,7 +191,7 @@ def test_distillation_uptrainer_pulls_the_recursive_model_towards_the_teacher(tm
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from hf_compress.recursive import RecursiveUptrainer, forward_kl
+    from hf_compress.methods.recursive import RecursiveUptrainer, forward_kl
 
     teacher = tiny_llama4()
     data = Dataset.from_dict({"input_ids": [IDS[0].tolist()] * 8, "labels": [IDS[0].tolist()] * 8})

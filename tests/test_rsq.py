@@ -12,8 +12,8 @@ import hf_compress
 from hf_compress import BAQConfig, GPTQConfig, RSQConfig
 from hf_compress.calibration.runner import collect_stats
 from hf_compress.formats.linear import PackedLinear
-from hf_compress.rotation import random_orthogonal, rotate_model, sylvester_hadamard
-from hf_compress.rsq import attention_concentration, importance_weights
+from hf_compress.methods.rsq.rotation import random_orthogonal, rotate_model, sylvester_hadamard
+from hf_compress.methods.rsq.token_weighting import attention_concentration, importance_weights
 
 from conftest import fresh_process_logits, save_char_tokenizer, tiny_gpt2, tiny_llama
 

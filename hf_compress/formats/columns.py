@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantSpec, expand_groups, group_params
+from hf_compress.formats.grid import QuantSpec, expand_groups, group_params
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import check_bits
+from hf_compress.formats.packing import check_bits
 
 SCALE_DTYPE = torch.float16  # stored scale precision; codes are always computed against the rounded scale
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .columns import Segment, segments, split_stored
-from .grid import SCALE_DTYPE, QuantSpec
-from .packing import pack_codes, packed_numel, unpack_codes
+from hf_compress.formats.columns import Segment, segments, split_stored
+from hf_compress.formats.grid import SCALE_DTYPE, QuantSpec
+from hf_compress.formats.packing import pack_codes, packed_numel, unpack_codes
 
 
 _cache_depth = 0
@@ -127,7 +127,7 @@ class PackedLinear(nn.Module):
         return out
 
     def codes(self) -> torch.Tensor:
-        from .columns import scatter_columns
+        from hf_compress.formats.columns import scatter_columns
 
         return scatter_columns(self.segment_codes(), self.segments(), self.in_features)
 
@@ -136,7 +136,7 @@ class PackedLinear(nn.Module):
         return torch.cat(self.segment_zeros(), dim=1)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        from ..kernels import dequantize
+        from hf_compress.kernels.dispatch import dequantize
 
         return dequantize(self, dtype)
 

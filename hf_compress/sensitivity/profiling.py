@@ -10,6 +10,7 @@ GPTQ runs against each module's Hessian, but its result is only measured, never 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +19,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.data import calibration_batches
-from ..calibration.discovery import decoder_layers, quantizable_modules, weight_matrix
-from ..calibration.runner import run_sequential
-from ..formats.grid import QuantSpec, dequantize_weight
-from ..solvers.gptq import gptq_quantize
-from ..solvers.rtn import rtn_quantize
-from .scores import fisher_loss_increase, lim_score, zd_score
+from hf_compress.calibration.data import calibration_batches
+from hf_compress.calibration.discovery import decoder_layers, quantizable_modules, weight_matrix
+from hf_compress.calibration.runner import run_sequential
+from hf_compress.formats.grid import QuantSpec, dequantize_weight
+from hf_compress.solvers.gptq import gptq_quantize
+from hf_compress.solvers.rtn import rtn_quantize
+from hf_compress.sensitivity.scores import fisher_loss_increase, lim_score, zd_score
+
+logger = logging.getLogger(__name__)
 
 PROFILE_FILE = "sensitivity_profile.json"
 
@@ -125,7 +128,7 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else x
 
 
-def _fisher_diagonals(model, batches, names, samples: int, progress: bool) -> dict[str, torch.Tensor]:
+def fisher_diagonals(model, batches, names, samples: int, progress: bool) -> dict[str, torch.Tensor]:
     """Empirical Fisher ``E[g²]`` of each named module's weight over ``samples`` calibration windows."""
     mods = {n: model.get_submodule(n) for n in names}
     acc = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
@@ -180,7 +183,7 @@ def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, g
         if unknown:
             raise ValueError(f"cannot profile modules that are not decoder linears of this model: {unknown[:3]}")
         names = [n for n in names if n in set(modules)]
-    fisher = _fisher_diagonals(model, batches, names, fisher_samples, progress) if fisher_samples > 0 else {}
+    fisher = fisher_diagonals(model, batches, names, fisher_samples, progress) if fisher_samples > 0 else {}
     result = SensitivityProfile(getattr(model.config, "model_type", type(model).__name__), spec.to_dict())
 
     def measure(name, module, stats):
@@ -215,7 +218,7 @@ def profile(model: nn.Module, calibration=None, tokenizer=None, bits: int = 3, g
 @torch.no_grad()
 def layer_lim_scores(model: nn.Module, batches: torch.Tensor) -> list[float]:
     """LIM of every decoder layer from one dense forward, block by block (no statistics, no solving)."""
-    from ..calibration.runner import _block_output, _with_hidden, capture_block_inputs
+    from hf_compress.calibration.runner import _block_output, _with_hidden, capture_block_inputs
 
     _, layers = decoder_layers(model)
     inputs = capture_block_inputs(model, layers, batches)
@@ -232,3 +235,17 @@ def layer_zd_scores(model: nn.Module) -> list[float]:
     """ZD of every decoder layer (data-free)."""
     _, layers = decoder_layers(model)
     return [zd_score([weight_matrix(m) for _, m in quantizable_modules(block)]) for block in layers]
+
+
+def profile_for(config, model: nn.Module, batches, reference_bits: int, fisher_samples: int = 0) -> SensitivityProfile:
+    """The config's saved ``profile`` (checked against ``model``), or one measured now on ``batches`` over the
+    modules the config plans to quantize, at ``reference_bits`` on the config's grid."""
+    if config.profile is not None:
+        prof = SensitivityProfile.load(config.profile)
+        prof.check_model(model)
+        return prof
+    if batches is None:
+        raise ValueError(f"{type(config).__name__} needs calibration data or a saved `profile=`")
+    logger.info("hf-compress: measuring a sensitivity profile (pass 1) at %d bits", reference_bits)
+    return profile(model, batches=batches, bits=reference_bits, group_size=config.group_size, sym=config.sym,
+                   fisher_samples=fisher_samples, modules=config.planned_module_names(model))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.columns import fit_column_grid, mixed_spec
-from ..formats.grid import QuantSpec, group_params, quantize_column
+from hf_compress.formats.columns import fit_column_grid, mixed_spec
+from hf_compress.formats.grid import QuantSpec, group_params, quantize_column
 
 
 @dataclass
@@ -143,7 +143,7 @@ def gptq_quantize(
     if grid is not None:
         W_hat = grid.dequantize(out_codes)
     else:
-        from ..formats.grid import dequantize_weight
+        from hf_compress.formats.grid import dequantize_weight
 
         W_hat = dequantize_weight(out_codes, scales, zeros, spec)
     mixed = spec.is_mixed

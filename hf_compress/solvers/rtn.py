@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.columns import fit_column_grid
-from ..formats.grid import QuantSpec
-from .gptq import SolverResult, column_spec, relative_output_error
+from hf_compress.formats.columns import fit_column_grid
+from hf_compress.formats.grid import QuantSpec
+from hf_compress.solvers.gptq import SolverResult, column_spec, relative_output_error
 
 
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None, clip_grid: int = 0,

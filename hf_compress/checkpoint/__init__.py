@@ -1,0 +1,1 @@
+"""Stage *save/load*: atomic saves, integrity checks, artifact recognition, and rebuilding packed modules."""

@@ -1,0 +1,176 @@
+"""``quantize(model, config, calibration)``: the one pipeline every quantization method runs through, and the one
+``HfQuantizer`` that loads its checkpoints.
+
+The stages, in order, each a call into its own subpackage; the config (a method's ``HfcConfig``) decides the
+method-specific parts through its hooks and never the other way round:
+
+1. ``config.prepare_model`` — option-group transforms (e.g. rotation);
+2. *calibrate* — ``calibration.calibration_batches`` when the method needs data;
+3. *score + allocate* — ``config.resolve_plan`` (methods call ``sensitivity`` and ``allocation``);
+4. *solve* — ``config.solve`` per module, fed block by block by ``calibration.run_sequential`` (with the config's
+   token weights) or weight-only;
+5. *pack* — ``formats.PackedLinear`` in place;
+6. *save/load* — the config, now holding the plan and a report, becomes the model's ``quantization_config`` and an
+   ``HfcQuantizer`` is attached, so ``save_pretrained`` writes a checkpoint that loads natively.
+
+Pre-quantized load: on the meta device each planned module becomes an empty ``PackedLinear``
+(``checkpoint.rebuild``), then transformers fills it. Quantize-on-load: the dense weights load, then ``quantize``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers.base import HfQuantizer
+
+from hf_compress.calibration.data import calibration_batches
+from hf_compress.calibration.discovery import decoder_layers, set_submodule, unsupported_weight_modules, weight_matrix
+from hf_compress.calibration.runner import run_sequential
+from hf_compress.checkpoint.rebuild import build_packed_modules, check_mixed_segments
+from hf_compress.checkpoint.verify import verify_checkpoint_files
+from hf_compress.config import HfcConfig
+from hf_compress.formats.linear import PackedLinear
+from hf_compress.plan import overall_bits, plan_rows
+
+logger = logging.getLogger(__name__)
+
+
+def _bias_of(module: nn.Module):
+    return None if getattr(module, "bias", None) is None else module.bias.detach()
+
+
+def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, stats, report: dict) -> PackedLinear:
+    W = weight_matrix(module).detach()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"weights of {name} contain NaN or inf; refusing to quantize them")
+    result = config.solve(W, stats, plan[name], name=name)
+    spec = result.spec or plan[name]
+    if spec.is_mixed and spec != plan[name]:
+        raise ValueError(f"{name}: the solver stored bit groups {spec.bit_groups}, the plan asked for {plan[name].bit_groups}")
+    packed = PackedLinear.from_codes(result.codes, result.scales, result.zeros, spec, _bias_of(module), result.col_bits)
+    packed.to(W.device)
+    report[name] = {"output_error": result.output_error}
+    return packed
+
+
+def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` and return it.
+
+    Args:
+        model: a transformers causal LM (any architecture whose decoder blocks sit in one ``ModuleList``).
+        config: an :class:`HfcConfig` subclass instance (e.g. ``GPTQConfig(bits=4, group_size=64)``).
+        calibration: calibration source or :class:`CalibrationSpec`; defaults to ``config.dataset``.
+            Ignored by methods that need no data.
+        tokenizer: tokenizer for the calibration text (default: loaded from ``model.name_or_path``).
+    """
+    if not isinstance(config, HfcConfig):
+        raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
+    if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("model is already quantized; load the dense model to quantize it again")
+    start = time.perf_counter()
+    batches = None
+    if config.needs_calibration:
+        spec = config.calibration_spec(calibration)
+        if spec is None:
+            raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
+        batches = calibration_batches(spec, tokenizer or _tokenizer_for(model, config))
+    token_weights = config.token_weights()  # validated before the model is touched
+    config.prepare_model(model)
+    plan = config.resolve_plan(model, batches)
+    _, layers = decoder_layers(model)
+    skipped = unsupported_weight_modules(layers)
+    if skipped:
+        logger.warning("hf-compress: %d modules have weights no solver handles and stay dense: %s", len(skipped), skipped)
+    report: dict[str, dict] = {}
+
+    def solve(name, module, stats):
+        return _packed_from(name, module, config, plan, stats, report)
+
+    if config.solver_needs_statistics:
+        run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights)
+    else:
+        for name in tqdm(list(plan), desc="Quantizing modules", disable=not progress):
+            set_submodule(model, name, solve(name, model.get_submodule(name), None))
+    missing = [n for n in plan if not isinstance(model.get_submodule(n), PackedLinear)]
+    if missing:
+        raise ValueError(f"planned modules were never quantized (not reached by calibration?): {missing[:5]}")
+    config.plan = {k: v.to_dict() for k, v in plan.items()}
+    code_bits, bits = overall_bits(plan_rows(model))
+    config.report = {"seconds": round(time.perf_counter() - start, 2), "code_bits": round(code_bits, 4),
+                     "bits_per_weight": round(bits, 4), "skipped": skipped, "modules": report}
+    attach_quantizer(model, config)
+    return model
+
+
+def _tokenizer_for(model, config):
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer or getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError("no tokenizer: pass `tokenizer=` or set the config's `tokenizer`")
+    return AutoTokenizer.from_pretrained(source)
+
+
+class HfcQuantizer(HfQuantizer):
+    """Builds packed modules from a config's plan, or runs the config's method after a dense load."""
+
+    requires_calibration = False
+    serialized_names = {"weight": ["weight", "scales", "qzeros"]}
+
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            self.quantization_config.plan_specs()  # raises if the checkpoint's config holds no plan
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            verify_checkpoint_files(checkpoint_files)
+            build_packed_modules(model, self.quantization_config.plan_specs(), dtype=model.dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            check_mixed_segments(model)
+            _enable_cards(model, self.quantization_config)
+            return model
+        model.hf_quantizer = None  # `quantize` refuses models that look quantized already
+        model.is_quantized = False
+        quantize(model, self.quantization_config)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def attach_quantizer(model: nn.Module, config: HfcConfig) -> None:
+    """Mark an in-memory quantized model the way ``from_pretrained`` would, so it saves natively."""
+    model.hf_quantizer = HfcQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.config.quantization_config = config
+    _enable_cards(model, config)
+
+
+def _enable_cards(model, config) -> None:
+    from hf_compress.integrations.hub import enable_hub_cards
+
+    enable_hub_cards(model, tags=[config.quant_method.removeprefix("hfc_")])
+
+
+def register() -> None:
+    """Register every registered quantization method's config, and the quantizer, with transformers (idempotent)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    from hf_compress.registry import methods
+
+    for method in methods("quantization"):
+        cls = method.config_class()
+        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(cls.quant_method, cls)
+        AUTO_QUANTIZER_MAPPING.setdefault(cls.quant_method, HfcQuantizer)
