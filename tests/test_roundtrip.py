@@ -109,7 +109,9 @@ def test_register_is_idempotent():
     hf_compress.register()
     import importlib
 
-    importlib.reload(importlib.import_module("hf_compress.pipeline.hf_quantizer")).register()
+    quantize_module = importlib.import_module("hf_compress.pipeline.quantize")
+    quantize_module.register()
+    quantize_module.register()
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     assert "hfc_gptq" in AUTO_QUANTIZER_MAPPING and "hfc_rtn" in AUTO_QUANTIZER_MAPPING

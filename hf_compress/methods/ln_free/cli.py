@@ -13,7 +13,8 @@ the compatible export). See docs/ln-free.md.
 
 from __future__ import annotations
 
-from hf_compress.methods.lisa.cli import (add_dataclass_args, add_training_args, as_dataset, card_base_model,
+from hf_compress.cli.common import add_model_command
+from hf_compress.cli.training import (add_dataclass_args, add_training_args, as_dataset, card_base_model,
                                           check_training_args, dataclass_from_args, training_arguments,
                                           training_windows)
 
@@ -21,15 +22,12 @@ EXPORTS = ("structural", "compatible")
 
 
 def add_command(sub) -> None:
-    from hf_compress.cli.commands import _add_model_arg, _add_overwrite_arg
     from hf_compress.methods.ln_free.schedule import LNRemovalSchedule
 
-    p = sub.add_parser("ln-free", help="remove every norm of MODEL by fine-tuning, then export an LN-free model",
-                       description="Fine-tune MODEL (GPT-2 or Llama family) while its norms are removed one layer at "
-                                   "a time on the LNRemovalSchedule, then export the LN-free model to --out.")
-    p.add_argument("model", nargs="?", default=None, help="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--out", required=True, help="folder for the exported LN-free model")
-    _add_overwrite_arg(p), _add_model_arg(p)
+    p = add_model_command(sub, "ln-free", help="remove every norm of MODEL by fine-tuning, then export an LN-free model",
+                          description="Fine-tune MODEL (GPT-2 or Llama family) while its norms are removed one layer at "
+                                      "a time on the LNRemovalSchedule, then export the LN-free model to --out.",
+                          out_help="folder for the exported LN-free model")
     add_training_args(p, lr=6e-4)
     add_dataclass_args(p, LNRemovalSchedule, "schedule_", title="removal schedule (LNRemovalSchedule; 0-based steps)")
     g = p.add_argument_group("LN-free")
@@ -78,7 +76,7 @@ def run(args) -> dict:
 
     import torch
 
-    from hf_compress.cli.commands import _check_out, _load
+    from hf_compress.cli.common import check_out, load_model_arg
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.methods.ln_free.aux_loss import LNFreeTrainer
     from hf_compress.methods.ln_free.callback import LNRemovalCallback
@@ -89,8 +87,8 @@ def run(args) -> dict:
     schedule = dataclass_from_args(LNRemovalSchedule, args, "schedule_")
     check_training_args(args)
     _check_before_load(args, schedule)
-    _check_out(args)
-    model, tokenizer = _load(args.model, args.dtype)
+    check_out(args)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
     num_layers = _check_model(args, model, schedule)
     windows = training_windows(args, tokenizer)
     make_removable(model, position0=args.position0)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from hf_compress.methods.lisa.cli import (add_training_args, as_dataset, card_base_model, check_training_args,
+from hf_compress.cli.common import add_model_command
+from hf_compress.cli.training import (add_training_args, as_dataset, card_base_model, check_training_args,
                                           training_arguments, training_windows)
 from hf_compress.methods.recursive.sharing import INITS, SCHEMES
 
@@ -38,15 +39,12 @@ def _rank(value: str):
 
 
 def add_command(sub) -> None:
-    from hf_compress.cli.commands import _add_model_arg, _add_overwrite_arg
 
-    p = sub.add_parser("recursive", help="convert MODEL into a (relaxed) recursive transformer and save it",
-                       description="Tie the decoder layers of a Llama-family MODEL into --loops loops of shared "
+    p = add_model_command(sub, "recursive", help="convert MODEL into a (relaxed) recursive transformer and save it",
+                          description="Tie the decoder layers of a Llama-family MODEL into --loops loops of shared "
                                    "blocks (Relaxed Recursive Transformers, Bae et al. 2024); optionally add "
-                                   "relaxed per-position LoRA and uptrain; save to --out.")
-    p.add_argument("model", nargs="?", default=None, help="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--out", required=True, help="folder for the recursive model")
-    _add_overwrite_arg(p), _add_model_arg(p)
+                                   "relaxed per-position LoRA and uptrain; save to --out.",
+                          out_help="folder for the recursive model")
     g = p.add_argument_group("conversion (convert())")
     g.add_argument("--loops", type=int, default=2,
                    help="B, times the shared stack runs; must divide the number of layers (default: 2)")
@@ -134,12 +132,12 @@ def run(args) -> dict:
     import math
     import tempfile
 
-    from hf_compress.cli.commands import _check_out, _load
+    from hf_compress.cli.common import check_out, load_model_arg
     from hf_compress.methods.recursive.conversion import check_convertible, convert
 
     _check_args(args)
-    _check_out(args)
-    original, tokenizer = _load(args.model, args.dtype)
+    check_out(args)
+    original, tokenizer = load_model_arg(args.model, args.dtype)
     check_convertible(original)
     layers = original.config.num_hidden_layers
     model = convert(original, num_loops=args.loops, scheme=args.scheme, init=args.init, tie_norms=not args.untie_norms)
