@@ -22,15 +22,26 @@ from __future__ import annotations
 import importlib
 import sys
 
-from hf_compress.registry import methods, on_register, resolve
-
 WATCHED = ("transformers", "peft", "hf_compress")  # our own modules too: one may be importing transformers
 
 
+def _registry():
+    """The method registry, imported at the first registration rather than at ``import transformers`` (which must
+    import none of our modules); from then on a method registered late (a plugin, a test) becomes loadable at once."""
+    global _listening
+    import hf_compress.registry as registry
+
+    if not _listening:
+        _listening = True
+        registry.on_register(_late_method)
+    return registry
+
+
 def _register_architectures():
-    for method in methods():
+    registry = _registry()
+    for method in registry.methods():
         if method.register_architecture:
-            resolve(method.register_architecture)()
+            registry.resolve(method.register_architecture)()
 
 
 def _register_quantizers():
@@ -38,9 +49,10 @@ def _register_quantizers():
 
 
 def _register_peft_methods():
-    for method in methods():
+    registry = _registry()
+    for method in registry.methods():
         if method.register_peft:
-            resolve(method.register_peft)()
+            registry.resolve(method.register_peft)()
 
 
 def _late_method(method) -> None:
@@ -115,10 +127,6 @@ class RegisterAfterImport:
 
 def install() -> RegisterAfterImport | None:
     """Register what the loaded modules allow now and watch for the rest (idempotent); returns the finder."""
-    global _listening
-    if not _listening:
-        _listening = True
-        on_register(_late_method)
     if run_pending():
         return None
     for finder in sys.meta_path:

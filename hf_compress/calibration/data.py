@@ -90,14 +90,15 @@ def calibration_batches(spec: CalibrationSpec | object, tokenizer) -> torch.Tens
 _WIKITEXT_SPLIT_FILES = {"validation": "valid.txt", "test": "test.txt"}
 
 
-def local_data_dir() -> Path | None:
-    """``$HF_COMPRESS_DATA``, else a ``shared/data`` folder beside the working directory or this checkout."""
+def local_data_dir(dataset: str = "wikitext-2") -> Path | None:
+    """``$HF_COMPRESS_DATA``, else a ``shared/data`` folder beside the working directory or this checkout, that
+    holds the folder ``dataset``."""
     env = os.environ.get("HF_COMPRESS_DATA")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve()
     for base in (Path.cwd(), *Path.cwd().parents[:2], *here.parents[:4]):
         candidates += [base / "shared" / "data"]
-    return next((c for c in candidates if (c / "wikitext-2").is_dir()), None)
+    return next((c for c in candidates if (c / dataset).is_dir()), None)
 
 
 def default_text_source(split: str):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_compress.formats.linear import dequantization_cache
+from hf_compress.formats.linear import dequantization_cache, drop_dense_copies
 from hf_compress.calibration.discovery import decoder_layers, quantizable_modules, set_submodule
 
 
@@ -208,6 +208,7 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
                 if on_block is not None:
                     on_block(idx, [a[0] if a else k["hidden_states"] for a, k in inputs], outputs)
                 inputs = new_inputs
+            drop_dense_copies(block)  # this block is done: keep only its packed codes
             bar.update(1)
     finally:
         bar.close()

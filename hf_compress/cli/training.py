@@ -1,4 +1,4 @@
-"""Flags and Trainer setup the training commands (``lisa``, ``ln-free``, ``recursive``) share: flags generated
+"""Flags and Trainer setup that the training methods' commands share: flags generated
 from a config dataclass (so no field is forgotten), the common training flags, token windows from
 ``hf_compress.calibration.data`` and the ``TrainingArguments`` they all use. Nothing heavy is imported at module
 level (``--help`` stays instant)."""
@@ -72,7 +72,7 @@ def dataclass_from_args(cls, args, dest_prefix: str, **override):
     return cls(**{**values, **override})
 
 
-# -- the training flags and the Trainer setup shared by lisa, ln-free and recursive ----------------------------------
+# -- the training flags and the Trainer setup shared by the training methods ----------------------------------
 
 
 def add_training_args(p, *, steps_flag: str = "--steps", steps_default: int | None = None, lr: float = 1e-4,

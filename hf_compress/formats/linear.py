@@ -32,10 +32,12 @@ _cached_modules: "weakref.WeakSet[PackedLinear]" = weakref.WeakSet()
 
 @contextmanager
 def dequantization_cache():
-    """Within the block, each packed module dequantizes once and reuses the dense weight.
+    """Within the ``with`` block, each packed module dequantizes once and reuses the dense weight.
 
     Calibration and perplexity run the same frozen modules over many samples; re-unpacking codes per call
-    dominated their time on CPU. Dense copies are dropped on exit, so memory returns to the packed size.
+    dominated their time on CPU. Dense copies are dropped on exit, so memory returns to the packed size; a caller
+    that is done with part of the model earlier (the calibration runner, block by block) drops that part's copies
+    with :func:`drop_dense_copies`, so at most the part in use is held dense.
     """
     global _cache_depth
     _cache_depth += 1
@@ -47,6 +49,14 @@ def dequantization_cache():
             for mod in list(_cached_modules):
                 mod._dense_cache = None
             _cached_modules.clear()
+
+
+def drop_dense_copies(module: nn.Module) -> None:
+    """Free the dense weights cached by the packed modules under ``module``."""
+    for mod in module.modules():
+        if isinstance(mod, PackedLinear) and mod._dense_cache is not None:
+            mod._dense_cache = None
+            _cached_modules.discard(mod)
 
 
 class PackedLinear(nn.Module):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from hf_compress.calibration.data import local_data_dir
 from hf_compress.checkpoint.atomic import atomic_directory
 from hf_compress.models import cache_dir
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 HELDOUT_FRACTION = 0.1
 
 
@@ -47,8 +47,10 @@ class SmallGPT2Spec:
 
 
 def data_path() -> Path:
-    """TinyShakespeare: ``HF_COMPRESS_SHAKESPEARE`` or ``../shared/data/tinyshakespeare/input.txt``."""
-    path = Path(os.environ.get("HF_COMPRESS_SHAKESPEARE", DEFAULT_DATA))
+    """TinyShakespeare: ``HF_COMPRESS_SHAKESPEARE``, else ``tinyshakespeare/input.txt`` in the local data folder."""
+    env = os.environ.get("HF_COMPRESS_SHAKESPEARE")
+    data = None if env else local_data_dir("tinyshakespeare")
+    path = Path(env) if env else (data or Path("shared") / "data") / "tinyshakespeare" / "input.txt"
     if not path.is_file():
         raise FileNotFoundError(f"TinyShakespeare not found at {path} (set HF_COMPRESS_SHAKESPEARE)")
     return path
