@@ -8,11 +8,12 @@ mapping ``module name → {"bits", "group_size", "sym"}``. The plan is all that 
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_compress.calibration.data import CalibrationSpec
+from hf_compress.calibration.data import CalibrationSpec, describe_source
 from hf_compress.formats.grid import QuantSpec
 from hf_compress.registry import option_groups, resolve
 
@@ -26,12 +27,14 @@ class HfcConfig(QuantizationConfigMixin):
     """Base of every hf-compress method config.
 
     Args:
-        bits: code width for every planned module (2, 3, 4 or 8).
+        bits: code width for every planned module, 1–8 (``formats.packing.SUPPORTED_BITS``).
         group_size: input columns sharing one scale/zero (``-1``: one group per row). A group size that does
             not divide a layer's input dimension leaves a short last group; nothing is padded on disk.
         sym: symmetric grid (no zero points stored) instead of asymmetric.
-        modules_to_not_convert: regexes; a module whose full name matches (``re.search``) stays dense.
-        dataset: calibration source for methods that need data (datasets spec, file path, list of strings).
+        modules_to_not_convert: a regex or a list of regexes; a module whose full name matches (``re.search``)
+            stays dense. A pattern that matches no quantizable module is warned about.
+        dataset: calibration source for methods that need data (datasets spec, file path, list of strings, or
+            pre-tokenized ids: see ``calibration.data``).
         num_samples, seq_len, seed: calibration windows (see ``calibration.data``).
         tokenizer: tokenizer name or path for quantize-on-load (default: the model's own path).
         plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
@@ -43,16 +46,20 @@ class HfcConfig(QuantizationConfigMixin):
     quant_method = "hfc_base"
     method_keys: tuple[str, ...] = ()
     needs_calibration = False
+    # Model families the method runs on (see ``calibration.discovery.model_family``): calibrated methods run
+    # the model block by block on token windows, which an encoder-decoder's decoder cannot take alone.
+    architectures: tuple[str, ...] = ("decoder", "encoder", "encoder-decoder")
+    calibrated_architectures: tuple[str, ...] = ("decoder", "encoder")
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
                  num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, **kwargs):
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym = bits, group_size, sym
         QuantSpec(bits, group_size, sym)  # validates eagerly: a bad config fails at construction
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.modules_to_not_convert = _patterns(modules_to_not_convert)
         self.dataset, self.num_samples, self.seq_len, self.seed = dataset, num_samples, seq_len, seed
         self.tokenizer = tokenizer
-        self.plan = None if plan is None else {k: QuantSpec.from_dict(v).to_dict() for k, v in plan.items()}
+        self.plan = None if plan is None else _validated_plan(plan)
         self.report = report
         groups = option_groups()
         for group in groups:
@@ -83,6 +90,20 @@ class HfcConfig(QuantizationConfigMixin):
     def is_excluded(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.modules_to_not_convert)
 
+    def supported_architectures(self) -> tuple[str, ...]:
+        return self.calibrated_architectures if self.needs_calibration else self.architectures
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model family this method does not support, before any work, with the supported list."""
+        from hf_compress.calibration.discovery import model_family
+
+        family = model_family(model)
+        supported = self.supported_architectures()
+        if family not in supported:
+            raise ValueError(f"{type(self).__name__} does not support {type(model).__name__} (an {family} model): it "
+                             f"supports {', '.join(supported)} models" + (
+                                 "; weight-only RTNConfig quantizes any architecture" if self.needs_calibration else ""))
+
     @property
     def solver_needs_statistics(self) -> bool:
         """Whether the per-module solver needs calibration Hessians (else modules are solved weight-only)."""
@@ -107,9 +128,15 @@ class HfcConfig(QuantizationConfigMixin):
         from hf_compress.calibration.discovery import decoder_layers, quantizable_modules
 
         prefix, layers = decoder_layers(model)
-        names = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers) if not self.is_excluded(f"{prefix}.{rel}")]
+        candidates = [f"{prefix}.{rel}" for rel, _ in quantizable_modules(layers)]
+        names = [n for n in candidates if not self.is_excluded(n)]
         if not names:
-            raise ValueError("nothing to quantize: every linear module was excluded by modules_to_not_convert")
+            raise ValueError(f"nothing to quantize: modules_to_not_convert {self.modules_to_not_convert} excludes all "
+                             f"{len(candidates)} linear modules (e.g. {candidates[0]!r})")
+        unused = [p for p in self.modules_to_not_convert if not any(re.search(p, n) for n in candidates)]
+        if unused:
+            warnings.warn(f"modules_to_not_convert patterns {unused} match none of the {len(candidates)} quantizable "
+                          f"modules (e.g. {candidates[0]!r}); nothing is excluded by them", stacklevel=2)
         return names
 
     # -- hooks of the option groups -----------------------------------------------------------------------
@@ -131,7 +158,10 @@ class HfcConfig(QuantizationConfigMixin):
 
     def plan_specs(self) -> dict[str, QuantSpec]:
         if not self.plan:
-            raise ValueError(f"this {type(self).__name__} holds no plan: the checkpoint was not quantized by hf-compress")
+            state = "no `plan` (missing or null)" if self.plan is None else "an empty `plan`"
+            raise ValueError(f"this {type(self).__name__} has {state} in its quantization_config: a pre-quantized "
+                             "hf-compress checkpoint lists every packed module there as "
+                             "{module name: {\"bits\", \"group_size\", \"sym\"}}; without it no module can be rebuilt")
         return {k: QuantSpec.from_dict(v) for k, v in self.plan.items()}
 
     # -- solving (overridden per method) -------------------------------------------------------------------
@@ -141,6 +171,45 @@ class HfcConfig(QuantizationConfigMixin):
 
     def to_dict(self):
         out = {k: v for k, v in super().to_dict().items() if not k.startswith("_")}  # transient solver state
-        if isinstance(out.get("dataset"), (list, tuple)):
-            out["dataset"] = f"<{len(out['dataset'])} in-memory strings>"
+        dataset = out.get("dataset")
+        if dataset is not None and not isinstance(dataset, (str, dict)):
+            out["dataset"] = describe_source(dataset)  # in-memory data: config.json records what it was
         return out
+
+
+def _patterns(value) -> list[str]:
+    """``modules_to_not_convert`` as a list of regexes: one string is one pattern (not its characters)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"modules_to_not_convert must be a regex string or a list of them, got {value!r}")
+    for p in value:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"modules_to_not_convert pattern {p!r} is not a valid regex: {exc}") from None
+    return list(value)
+
+
+def _validated_plan(plan) -> dict[str, dict]:
+    """The plan of a config (from code or a checkpoint's config.json), checked entry by entry so a damaged
+    config fails naming the module and the key instead of as a bare KeyError later."""
+    if not isinstance(plan, dict):
+        raise ValueError(f"quantization_config `plan` must map module names to specs, got a {type(plan).__name__}")
+    out = {}
+    for name, entry in plan.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"quantization_config `plan` has a non-string module name {name!r}")
+        if isinstance(entry, QuantSpec):
+            entry = entry.to_dict()
+        if not isinstance(entry, dict):
+            raise ValueError(f"plan entry of {name!r} must be a dict with bits/group_size/sym, got {entry!r}")
+        if "bits" not in entry:
+            raise ValueError(f"plan entry of {name!r} has no \"bits\" (it has {sorted(entry)})")
+        try:
+            out[name] = QuantSpec.from_dict(entry).to_dict()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"plan entry of {name!r} is invalid: {exc}") from None
+    return out

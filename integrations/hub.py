@@ -196,14 +196,18 @@ def _save_then_card(model, class_save, save_directory, args, kwargs):
     hub = {k: extra.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in extra}
     if call.get("token") or extra.get("token"):
         hub["token"] = call.get("token") or extra.get("token")
-    class_save(model, **call, **extra)
-    if not call.get("is_main_process", True):
+    if not call.get("is_main_process", True):  # other ranks write shards of the main process's folder
+        class_save(model, **call, **extra)
         return
-    try:
-        write_card(model, save_directory)
-    except (ValueError, OSError) as exc:  # e.g. selected adapters saved in subfolders: no top-level artifact
-        warnings.warn(f"hf-compress wrote no model card into {save_directory}: {exc}", stacklevel=3)
-        return
+    # Atomic like `hf_compress.save_pretrained`: a failure (a full disk) leaves the previous checkpoint loadable.
+    # transformers' semantics are kept: unrelated files stay, an existing checkpoint is replaced.
+    with atomic_directory(save_directory, overwrite=True) as tmp:
+        class_save(model, **{**call, "save_directory": tmp}, **extra)
+        try:
+            write_card(model, tmp, repo_id=Path(save_directory).name)
+        except (ValueError, OSError) as exc:  # e.g. selected adapters saved in subfolders: no top-level artifact
+            warnings.warn(f"hf-compress wrote no model card into {save_directory}: {exc}", stacklevel=3)
+            push = False
     if push:
         push_to_hub(save_directory, hub.pop("repo_id", Path(save_directory).name), exist_ok=True, **hub)
 

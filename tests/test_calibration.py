@@ -83,3 +83,80 @@ def test_perplexity_matches_manual_protocol(char_tokenizer, text_corpus):
     assert ppl == pytest.approx(math.exp(sum(nll) / 3), rel=1e-5)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, char_tokenizer, ["tiny"], seq_len=32, progress=False)
+
+
+# -- pre-tokenized calibration and the runner's memory (issue 17) ---------------------------------------------------
+
+def test_pretokenized_sources_need_no_tokenizer(text_corpus, char_tokenizer):
+    import datasets
+
+    ids = char_tokenizer(text_corpus).input_ids[0]
+    from_text = calibration_batches(CalibrationSpec([text_corpus], 4, 32, seed=1), char_tokenizer)
+    from_stream = calibration_batches(CalibrationSpec(ids, 4, 32, seed=1))  # 1-D tensor: one token stream
+    from_ints = calibration_batches(CalibrationSpec(ids.tolist(), 4, 32, seed=1))
+    assert torch.equal(from_stream, from_text) and torch.equal(from_ints, from_text)
+    windows = torch.randint(0, 128, (3, 20))
+    assert torch.equal(calibration_batches(CalibrationSpec(windows, 4, 32)), windows)  # 2-D: the windows as given
+    docs = [ids[:2000].tolist(), ids[2000:].tolist()]
+    from_docs = calibration_batches(CalibrationSpec(docs, 4, 32, seed=1))  # documents joined, like text
+    from_ds = calibration_batches(CalibrationSpec(datasets.Dataset.from_dict({"input_ids": docs}), 4, 32, seed=1))
+    assert torch.equal(from_docs, from_text) and torch.equal(from_ds, from_text)
+    text_ds = datasets.Dataset.from_dict({"text": [text_corpus]})
+    assert torch.equal(calibration_batches(CalibrationSpec(text_ds, 4, 32, seed=1), char_tokenizer), from_text)
+
+
+def test_bad_pretokenized_sources():
+    with pytest.raises(TypeError, match="integer token ids"):
+        calibration_batches(CalibrationSpec(torch.randn(2, 16), 2, 8))
+    with pytest.raises(ValueError, match="negative token id"):
+        calibration_batches(CalibrationSpec(torch.tensor([[1, -2, 3]]), 2, 2))
+    with pytest.raises(ValueError, match="1-D .* or 2-D"):
+        calibration_batches(CalibrationSpec(torch.zeros(2, 3, 4, dtype=torch.long), 2, 2))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        calibration_batches(CalibrationSpec(["some text"], 2, 2))
+
+
+def test_quantize_with_pretokenized_calibration_and_a_json_safe_config(tmp_path, text_corpus, char_tokenizer):
+    import hf_compress
+
+    ids = char_tokenizer(text_corpus).input_ids[0]
+    windows = sample_windows(ids, 8, 64, seed=0)
+    from_ids = hf_compress.quantize(tiny_llama(), hf_compress.GPTQConfig(bits=4, group_size=32),
+                                    calibration=windows, progress=False)  # no tokenizer anywhere
+    from_text = hf_compress.quantize(tiny_llama(), hf_compress.GPTQConfig(bits=4, group_size=32), calibration=
+                                     CalibrationSpec([text_corpus], 8, 64, seed=0), tokenizer=char_tokenizer, progress=False)
+    x = ids[:40][None]
+    with torch.no_grad():
+        assert torch.equal(from_ids(x).logits, from_text(x).logits)
+    cfg = hf_compress.GPTQConfig(bits=4, group_size=32, dataset=windows)
+    assert cfg.to_dict()["dataset"] == "<in-memory token ids [8, 64]>"
+    hf_compress.quantize(tiny_llama(), cfg, progress=False)
+
+
+def test_calibration_runner_keeps_only_the_current_block_dense(char_tokenizer, text_corpus):
+    """Each finished block's dense copies are dropped: at most one block is held dequantized at a time."""
+    import hf_compress
+    from hf_compress.calibration.runner import run_sequential
+    from hf_compress.formats.linear import PackedLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128)).eval()
+    config = hf_compress.GPTQConfig(bits=4, group_size=32)
+    batches = calibration_batches(CalibrationSpec([text_corpus], 4, 32), char_tokenizer)
+    plan = config.resolve_plan(model)
+    dense_blocks = []
+
+    def solve(name, module, stats):
+        W = module.weight.detach()
+        r = config.solve(W, stats, plan[name], name=name)
+        return PackedLinear.from_codes(r.codes, r.scales, r.zeros, plan[name], None)
+
+    def on_block(idx, inputs, outputs):
+        dense_blocks.append([i for i, block in enumerate(model.model.layers)
+                             if any(isinstance(m, PackedLinear) and m._dense_cache is not None for m in block.modules())])
+
+    run_sequential(model, batches, lambda n, m: n in plan, solve, progress=False, on_block=on_block)
+    assert dense_blocks == [[0], [1], [2], [3]]
+    assert not any(getattr(m, "_dense_cache", None) is not None for m in model.modules())

@@ -30,7 +30,7 @@ def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys):
 
 def test_cli_errors_are_clear(dense_dir, tmp_path, capsys):
     assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "rtn", "--bits", "9"]) == 2
-    assert "unsupported bit width 9" in capsys.readouterr().err
+    assert "--bits: invalid choice: 9" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
     assert main(["eval", str(tmp_path / "nope" / "model")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -101,3 +101,19 @@ def test_cli_layerwise_with_target_average(dense_dir, tmp_path):
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config
     assert sorted(cfg.layer_bits) == [2, 4]
     assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "r"), "--method", "layerwise", "--target-bits", "5"]) == 2
+
+
+def test_top_level_help_and_unknown_commands_import_no_torch():
+    """`hf-compress --help` builds only command stubs: no config (torch, transformers) is imported for it."""
+    code = ("import sys, json; from hf_compress.cli.commands import main; codes = [main(['--help']), main(['nosuch'])];"
+            "print(json.dumps([codes, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    codes, heavy = json.loads(run.stdout.strip().splitlines()[-1])
+    assert codes == [0, 2] and heavy == [], run.stderr[-2000:]
+    assert "invalid choice: 'nosuch'" in run.stderr
+
+
+def test_quantize_usage_reads_as_meant(capsys):
+    assert main(["quantize", "--help"]) == 0
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage == "usage: hf-compress quantize [MODEL] --out OUT [--overwrite] [--dtype DTYPE] [options]"

@@ -91,7 +91,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     real_replace, calls = ckpt.os.replace, []
 
     def failing_replace(src, dst):  # fail half-way through moving the new files in
-        if ".tmp-" in str(src):
+        if ckpt.STAGING_PREFIX in str(src):
             calls.append(src)
             if len(calls) == 2:
                 raise OSError(28, "No space left on device")
@@ -103,6 +103,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert tree_hash(target) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging or backup left inside
 
 
 def test_save_refuses_a_foreign_model_and_a_file(tmp_path, dense_dir):
@@ -184,3 +185,125 @@ def test_native_loading_still_needs_no_import(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "o.pt"), model(IDS).logits)
+
+
+# -- saves that misbehaved (issue 17) ------------------------------------------------------------------------------
+
+def test_save_onto_a_file_is_refused_and_the_file_kept(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        hf_compress.save_pretrained(quantized(), f)
+    assert f.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]  # nothing hidden left beside it
+
+
+@pytest.mark.parametrize("previous", ["empty", "checkpoint"])
+def test_save_onto_a_mount_root_stages_inside_it_and_never_renames_it(tmp_path, monkeypatch, previous):
+    """A mount root cannot be renamed (EBUSY) and its parent may be another filesystem: stage inside it."""
+    import errno
+    import tempfile
+
+    import hf_compress.checkpoint.atomic as ckpt
+
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    if previous == "checkpoint":
+        hf_compress.save_pretrained(quantized(0), mount)
+    real_replace, real_mkdtemp, staged = ckpt.os.replace, tempfile.mkdtemp, []
+
+    def replace(src, dst):
+        if Path(src) == mount or Path(dst) == mount:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(mount))
+        return real_replace(src, dst)
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        staged.append(Path(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt.tempfile, "mkdtemp", mkdtemp)
+    model = quantized(1)
+    hf_compress.save_pretrained(model, mount)
+    monkeypatch.undo()
+    assert staged and all(d == mount for d in staged)  # never the parent filesystem
+    assert not [p for p in mount.iterdir() if p.name.startswith(".")]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(mount)(IDS).logits, model(IDS).logits)
+
+
+def test_checkpoint_folders_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        hf_compress.save_pretrained(quantized(), tmp_path / "q")
+        quantized().save_pretrained(tmp_path / "native")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "q", tmp_path / "native"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f  # readable by a server under another user
+
+
+def test_unwritable_target_names_the_target_not_a_temp_path(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    import hf_compress.checkpoint.atomic as ckpt
+
+    target = tmp_path / "readonly"
+    target.mkdir()
+
+    def mkdtemp(*args, dir=None, **kwargs):  # what a read-only folder does (tests may run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".tmp-xyz"))
+
+    monkeypatch.setattr(ckpt.tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(OSError, match=rf"cannot write a checkpoint to {target}: .*Permission denied") as info:
+        hf_compress.save_pretrained(quantized(), target)
+    assert ".tmp-" not in str(info.value)
+
+
+def test_cli_checks_out_before_loading_or_quantizing(tmp_path, monkeypatch, capsys):
+    import hf_compress.cli.commands as commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(commands, "load_model_arg", never)
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert main(["quantize", "--out", str(out), "--method", "rtn"]) == 2
+        assert "is a file" in capsys.readouterr().err
+    import hf_compress.checkpoint.atomic as ckpt
+
+    monkeypatch.setattr(ckpt.os, "access", lambda path, mode: False)  # a read-only parent (root ignores modes)
+    assert main(["quantize", "--out", str(tmp_path / "new"), "--method", "rtn"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_model_save_pretrained_is_atomic_too(tmp_path, monkeypatch):
+    """`model.save_pretrained` over a checkpoint on a full disk leaves the previous one loadable."""
+    import transformers.modeling_utils
+    from transformers import AutoModelForCausalLM
+
+    first = quantized(0)
+    first.save_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "thesis.txt").write_text("mine")
+    before = tree_hash(tmp_path / "q")
+
+    def full_disk(tensors, filename, **kwargs):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        quantized(1).save_pretrained(tmp_path / "q")
+    monkeypatch.undo()
+    assert tree_hash(tmp_path / "q") == before
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(IDS).logits, first(IDS).logits)

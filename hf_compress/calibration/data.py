@@ -4,6 +4,12 @@ A source is any of: a ``datasets`` spec (``"name"``, ``"name:config"``, ``"name:
 ``{"path", "name", "split", "text_column", "data_files"}``), a local text file, or a list of strings. The text is joined and
 tokenized once, and N windows of L tokens start at offsets drawn from ``torch.Generator().manual_seed(seed)``
 — the protocol of the benchmark notes, so tests, CLI and benchmarks see the same tokens.
+
+Pre-tokenized sources (own tokenisation, chat templates) need no tokenizer:
+- a 2-D integer tensor ``[N, L]`` is used as the windows themselves (``num_samples``/``seq_len`` do not apply);
+- a 1-D integer tensor or a list of ints is one token stream, windowed like tokenized text;
+- a list of id lists, or a ``datasets.Dataset`` with an ``input_ids`` column, is documents joined into one
+  stream (as text documents are), then windowed. (A ``Dataset`` with only a ``text`` column is text.)
 """
 
 from __future__ import annotations
@@ -31,8 +37,74 @@ class CalibrationSpec:
             raise ValueError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
 
 
+def _is_dataset(source) -> bool:
+    return hasattr(source, "column_names") and hasattr(source, "__getitem__") and not isinstance(source, dict)
+
+
+def is_pretokenized(source) -> bool:
+    """Whether ``source`` holds token ids already (so no tokenizer is needed)."""
+    if isinstance(source, CalibrationSpec):
+        source = source.source
+    if isinstance(source, torch.Tensor):
+        return True
+    if _is_dataset(source):
+        return "input_ids" in source.column_names
+    if isinstance(source, (list, tuple)) and source:
+        return all(isinstance(x, int) and not isinstance(x, bool) for x in source) or all(
+            isinstance(x, (list, tuple, torch.Tensor)) for x in source)
+    return False
+
+
+def _as_ids(values, what: str) -> torch.Tensor:
+    ids = values if isinstance(values, torch.Tensor) else torch.tensor(list(values))
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{what} holds a negative token id ({int(ids.min())})")
+    return ids.long()
+
+
+def pretokenized_windows(source, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Token windows ``[N, L]`` from a pre-tokenized source (see the module docstring)."""
+    if isinstance(source, torch.Tensor):
+        ids = _as_ids(source, "the calibration tensor")
+        if ids.dim() == 2:
+            if ids.shape[0] == 0 or ids.shape[1] < 2:
+                raise ValueError(f"calibration windows {list(ids.shape)}: need at least one window of >= 2 tokens")
+            return ids
+        if ids.dim() != 1:
+            raise ValueError(f"a calibration tensor must be 1-D (a token stream) or 2-D [N, L], got {list(ids.shape)}")
+        return sample_windows(ids, num_samples, seq_len, seed)
+    if _is_dataset(source):
+        source = source["input_ids"]
+    if all(isinstance(x, int) for x in source):
+        return sample_windows(_as_ids(source, "the calibration ids"), num_samples, seq_len, seed)
+    docs = [_as_ids(x, f"calibration sequence {i}").flatten() for i, x in enumerate(source)]
+    return sample_windows(torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long), num_samples, seq_len, seed)
+
+
+def describe_source(source) -> str:
+    """A short JSON-safe description of an in-memory source, for config.json."""
+    if isinstance(source, CalibrationSpec):
+        return f"{describe_source(source.source)}, {source.num_samples} x {source.seq_len} tokens, seed {source.seed}"
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, torch.Tensor):
+        return f"<in-memory token ids {list(source.shape)}>"
+    if _is_dataset(source):
+        return f"<datasets.Dataset with {len(source)} rows, columns {list(source.column_names)}>"
+    if isinstance(source, (list, tuple)):
+        kind = "strings" if all(isinstance(x, str) for x in source) else "token ids" if is_pretokenized(source) else "items"
+        return f"<{len(source)} in-memory {kind}>"
+    return f"<{type(source).__name__}>"
+
+
 def load_text(source) -> str:
     """Resolve a calibration source to one string (documents joined by blank lines)."""
+    if _is_dataset(source):
+        if "text" not in source.column_names:
+            raise ValueError(f"a calibration Dataset needs an `input_ids` or a `text` column (columns: {source.column_names})")
+        source = [t for t in source["text"] if t]
     if isinstance(source, (list, tuple)):
         if not all(isinstance(s, str) for s in source):
             raise TypeError("a calibration list must hold strings")
@@ -42,7 +114,9 @@ def load_text(source) -> str:
     elif isinstance(source, (str, dict)):
         text = _load_dataset_text(source)
     else:
-        raise TypeError(f"unsupported calibration source of type {type(source).__name__}")
+        raise TypeError(f"unsupported calibration source of type {type(source).__name__}: pass a datasets spec, a "
+                        "text file, a list of strings, or token ids (a tensor, a list of id lists, a Dataset with "
+                        "`input_ids`)")
     if not text.strip():
         raise ValueError("calibration set is empty: the source holds no text")
     return text
@@ -79,10 +153,15 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def calibration_batches(spec: CalibrationSpec | object, tokenizer) -> torch.Tensor:
-    """Token windows ``[N, L]`` for a :class:`CalibrationSpec` (or a bare source with the defaults)."""
+def calibration_batches(spec: CalibrationSpec | object, tokenizer=None) -> torch.Tensor:
+    """Token windows ``[N, L]`` for a :class:`CalibrationSpec` (or a bare source with the defaults); the tokenizer
+    is only needed for text sources."""
     if not isinstance(spec, CalibrationSpec):
         spec = CalibrationSpec(spec)
+    if is_pretokenized(spec.source):
+        return pretokenized_windows(spec.source, spec.num_samples, spec.seq_len, spec.seed)
+    if tokenizer is None:
+        raise ValueError("a text calibration source needs a tokenizer (or pass token ids)")
     ids = tokenize_text(load_text(spec.source), tokenizer)
     return sample_windows(ids, spec.num_samples, spec.seq_len, spec.seed)
 

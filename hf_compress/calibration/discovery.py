@@ -41,6 +41,34 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def model_family(model: nn.Module) -> str:
+    """``"encoder-decoder"`` (T5, BART), ``"encoder"`` (BERT-like: a masked-LM family not configured as a decoder)
+    or ``"decoder"`` (causal LMs), from the model's config; what calibration and the methods' support lists use."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "decoder"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) and (
+            causal_class is None or type(model).__name__ != causal_class):
+        return "encoder"
+    return "decoder"
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def quantizable_modules(root: nn.Module):
     """``(relative_name, module)`` for every linear-like module under ``root``."""
     return [(n, m) for n, m in root.named_modules() if n and is_linear_like(m)]

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from hf_compress.cli.common import MODEL_HELP, add_dtype_arg, add_overwrite_arg, check_out, load_model_arg
+from hf_compress.cli.common import MODEL_HELP, add_dtype_arg, add_model_command, check_out, load_model_arg
 from hf_compress.registry import methods, resolve
 
 def _add_quant_args(p):
@@ -42,24 +42,27 @@ def _add_eval_args(p):
     p.add_argument("--max-windows", type=int, default=40, help="cap on evaluation windows (0: all)")
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="hf-compress", description="Layer-wise compression for Hugging Face models")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="quantize MODEL and print perplexity before/after, size and time")
-    p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--out", default=None, help="also save the quantized checkpoint here")
-    add_overwrite_arg(p), add_dtype_arg(p), _add_quant_args(p), _add_eval_args(p)
-    p = sub.add_parser("quantize", help="quantize MODEL and save it to --out OUT")
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
-    add_overwrite_arg(p), add_dtype_arg(p), _add_quant_args(p)
-    p = sub.add_parser("eval", help="perplexity and size of MODEL")
-    p.add_argument("model", nargs="?", default=None)
+def _build_run(sub):
+    p = add_model_command(sub, "run", help=HELP["run"], out_help="also save the quantized checkpoint here",
+                          out_required=False)
+    _add_quant_args(p), _add_eval_args(p)
+
+
+def _build_quantize(sub):
+    _add_quant_args(add_model_command(sub, "quantize", help=HELP["quantize"], out_help="folder for the quantized checkpoint"))
+
+
+def _build_eval(sub):
+    p = sub.add_parser("eval", help=HELP["eval"])
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--record", action="store_true",
                    help="record the perplexity in MODEL's folder (hf_compress_card.json) for its model card")
     add_dtype_arg(p), _add_eval_args(p)
-    p = sub.add_parser("profile", help="measure per-layer / per-module / per-column sensitivity of MODEL")
-    p.add_argument("model", nargs="?", default=None)
+
+
+def _build_profile(sub):
+    p = sub.add_parser("profile", help=HELP["profile"])
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for sensitivity_profile.json and sensitivity_profile.png")
     p.add_argument("--bits", type=int, default=3, help="reference grid the losses are measured at")
     p.add_argument("--group-size", type=int, default=64)
@@ -69,16 +72,25 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fisher-samples", type=int, default=8)
     add_dtype_arg(p)
-    p = sub.add_parser("plan", help="show the stored bit plan of a quantized checkpoint")
+
+
+def _build_plan(sub):
+    p = sub.add_parser("plan", help=HELP["plan"])
     p.add_argument("checkpoint")
     p.add_argument("--per", choices=["layer", "module"], default="layer")
     p.add_argument("--plot", default=None, help="also write the per-layer bit-width plot (PNG) here")
-    p = sub.add_parser("card", help="render the model card of a saved hf-compress checkpoint without pushing")
+
+
+def _build_card(sub):
+    p = sub.add_parser("card", help=HELP["card"])
     p.add_argument("checkpoint")
     p.add_argument("--repo-id", default=None, help="Hub id used in the card's load snippet (default: the folder name)")
     p.add_argument("--base-model", default=None, help="Hub id of the model it was made from")
     p.add_argument("--out", default=None, help="write README.md and the plot into this (new) folder instead of printing")
-    p = sub.add_parser("push", help="upload a saved hf-compress checkpoint with its model card to the Hub")
+
+
+def _build_push(sub):
+    p = sub.add_parser("push", help=HELP["push"])
     p.add_argument("checkpoint")
     p.add_argument("repo_id")
     p.add_argument("--update", action="store_true", help="add a commit to an existing repository")
@@ -88,11 +100,50 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--message", default=None, help="commit message")
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--create-pr", action="store_true")
-    sub.add_parser("methods", help="list the registered methods, one line each")
-    for method in methods():  # methods that are no quantization config bring their own command
+
+
+HELP = {
+    "run": "quantize MODEL and print perplexity before/after, size and time",
+    "quantize": "quantize MODEL and save it to --out OUT",
+    "eval": "perplexity and size of MODEL",
+    "profile": "measure per-layer / per-module / per-column sensitivity of MODEL",
+    "plan": "show the stored bit plan of a quantized checkpoint",
+    "card": "render the model card of a saved hf-compress checkpoint without pushing",
+    "push": "upload a saved hf-compress checkpoint with its model card to the Hub",
+    "methods": "list the registered methods, one line each",
+}
+
+
+def _builders() -> dict:
+    """Command name → (help, function adding its parser). Methods that are no quantization config bring their own
+    command, named like the method (``Method.cli``)."""
+    out = {"run": _build_run, "quantize": _build_quantize, "eval": _build_eval, "profile": _build_profile,
+           "plan": _build_plan, "card": _build_card, "push": _build_push,
+           "methods": lambda sub: sub.add_parser("methods", help=HELP["methods"])}
+    out = {name: (HELP[name], build) for name, build in out.items()}
+    for method in methods():
         if method.cli:
-            resolve(method.cli)(sub)
+            out[method.name] = (method.summary, resolve(method.cli))
+    return out
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None, only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` given, one whose other commands are stubs (name and help): building a
+    command's options imports its configs (torch, transformers), which ``hf-compress --help`` and a usage error
+    must not wait for."""
+    parser = parser or argparse.ArgumentParser(prog="hf-compress", description="Layer-wise compression for Hugging Face models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, build) in _builders().items():
+        if only is None or name == only:
+            build(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
+
+
+def command_of(argv) -> str:
+    """The sub-command ``argv`` names ("" when none): the first argument that is no option."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _quantize(model, tokenizer, args):
@@ -273,7 +324,8 @@ def dispatch(args) -> dict:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(only=command_of(argv)).parse_args(argv)
     except SystemExit as exc:  # usage errors (argparse already printed them) and --help
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -21,8 +21,10 @@ def add_overwrite_arg(p) -> None:
 def add_model_command(sub, name: str, *, help: str, description: str | None = None, out_help: str,
                       out_required: bool = True):
     """A subcommand ``NAME [MODEL] --out OUT [--overwrite] [--dtype]``; returns its parser."""
-    p = sub.add_parser(name, help=help, description=description)
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    out = "--out OUT" if out_required else "[--out OUT]"
+    p = sub.add_parser(name, help=help, description=description,
+                       usage=f"%(prog)s [MODEL] {out} [--overwrite] [--dtype DTYPE] [options]")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--out", required=out_required, default=None, help=out_help)
     add_overwrite_arg(p), add_dtype_arg(p)
     return p
@@ -42,10 +44,11 @@ def load_model_arg(name, dtype_name):
 
 def check_out(args) -> None:
     """Refuse a bad --out before any work: never the input model's folder, never someone else's files."""
-    from hf_compress.checkpoint.atomic import check_save_target
+    from hf_compress.checkpoint.atomic import check_save_target, check_writable
 
     if not args.out:
         return
     if args.model and os.path.exists(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
         raise ValueError(f"--out {args.out} is the input model's folder; choose a new folder for the result")
     check_save_target(args.out, overwrite=args.overwrite)
+    check_writable(args.out)

@@ -14,6 +14,7 @@ import inspect
 import re
 
 from hf_compress.config import HfcConfig
+from hf_compress.formats.packing import SUPPORTED_BITS
 from hf_compress.registry import methods, option_groups
 
 # Not CLI options: results written back by quantization, the plan itself, and what the CLI passes otherwise
@@ -80,8 +81,10 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
                     group.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS,
                                        help=help_text)
             else:
+                widths = kind is int and (name == "bits" or name.endswith("_bits"))  # a code width: what packing stores
                 group.add_argument(flag(name), dest=name, type=kind, nargs="+" if many else None,
-                                   default=argparse.SUPPRESS, help=help_text)
+                                   choices=list(SUPPORTED_BITS) if widths else None, default=argparse.SUPPRESS,
+                                   help=help_text, metavar="{%d..%d}" % (SUPPORTED_BITS[0], SUPPORTED_BITS[-1]) if widths else None)
 
 
 def _help(cls, name: str) -> str | None:

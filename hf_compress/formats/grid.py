@@ -53,7 +53,8 @@ class QuantSpec:
         return 1 if self.group_size == -1 else -(-in_features // self.group_size)
 
     def width(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        """Columns per group; a group larger than the row is the row (one group, nothing padded in memory)."""
+        return in_features if self.group_size == -1 else min(self.group_size, in_features)
 
     def uniform(self, bits: int) -> "QuantSpec":
         """The same grid at one width (a segment of a mixed spec)."""

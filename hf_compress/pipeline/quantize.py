@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.quantizers.base import HfQuantizer
 
-from hf_compress.calibration.data import calibration_batches
-from hf_compress.calibration.discovery import decoder_layers, set_submodule, unsupported_weight_modules, weight_matrix
+from hf_compress.calibration.data import calibration_batches, is_pretokenized
+from hf_compress.calibration.discovery import (decoder_layers, max_positions, model_family, set_submodule,
+                                               unsupported_weight_modules, weight_matrix)
 from hf_compress.calibration.runner import run_sequential
 from hf_compress.checkpoint.rebuild import build_packed_modules, check_mixed_segments
-from hf_compress.checkpoint.verify import verify_checkpoint_files
+from hf_compress.checkpoint.verify import check_packed_tensors, verify_checkpoint_files
 from hf_compress.config import HfcConfig
 from hf_compress.formats.linear import PackedLinear
 from hf_compress.plan import overall_bits, plan_rows
@@ -71,13 +73,17 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
     if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("model is already quantized; load the dense model to quantize it again")
+    config.check_model(model)
     start = time.perf_counter()
     batches = None
     if config.needs_calibration:
         spec = config.calibration_spec(calibration)
         if spec is None:
             raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
-        batches = calibration_batches(spec, tokenizer or _tokenizer_for(model, config))
+        if tokenizer is None and not is_pretokenized(spec.source):
+            tokenizer = _tokenizer_for(model, config)
+        batches = calibration_batches(spec, tokenizer)
+        check_calibration_fits(model, batches)
     token_weights = config.token_weights()  # validated before the model is touched
     config.prepare_model(model)
     plan = config.resolve_plan(model, batches)
@@ -106,6 +112,24 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     return model
 
 
+def check_calibration_fits(model: nn.Module, batches: torch.Tensor) -> None:
+    """Windows the model cannot take are refused (longer than its positions, ids beyond its vocabulary); an
+    encoder calibrated on raw windows is warned about."""
+    limit = max_positions(model)
+    if limit is not None and batches.shape[1] > limit:
+        raise ValueError(f"calibration seq_len {batches.shape[1]} exceeds {type(model).__name__}'s maximum of {limit} "
+                         f"positions; use seq_len <= {limit}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and int(batches.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(batches.max())} is out of range for the model's vocabulary of "
+                         f"{vocab}: were the ids made by another tokenizer?")
+    if model_family(model) == "encoder":
+        warnings.warn(f"{type(model).__name__} is an encoder: it is calibrated on contiguous token windows without "
+                      "its special tokens ([CLS]/[SEP]) or padding, which it may never see at inference. For "
+                      "statistics of its real inputs pass pre-tokenized windows (a 2-D tensor of input_ids).",
+                      stacklevel=3)
+
+
 def _tokenizer_for(model, config):
     from transformers import AutoTokenizer
 
@@ -127,8 +151,9 @@ class HfcQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
-            verify_checkpoint_files(checkpoint_files)
+            stored = verify_checkpoint_files(checkpoint_files)
             build_packed_modules(model, self.quantization_config.plan_specs(), dtype=model.dtype)
+            check_packed_tensors(model, stored, PackedLinear)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -146,7 +171,13 @@ class HfcQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Trainable with adapters (QLoRA-style), so ``transformers.Trainer`` accepts a packed model under PEFT.
+
+        The packed weights are frozen buffers, but their forward is differentiable in the input, so adapters on top
+        (``integrations.peft_packed``) get gradients. Training the packed weights themselves (QAT) is not supported:
+        ``is_qat_trainable`` stays False, which keeps Trainer refusing a packed model without adapters.
+        """
+        return True
 
 
 def attach_quantizer(model: nn.Module, config: HfcConfig) -> None:
