@@ -19,8 +19,9 @@ from hf_compress.registry import option_groups, resolve
 
 _COMMON_KEYS = {
     "bits", "group_size", "sym", "modules_to_not_convert", "dataset", "num_samples", "seq_len", "seed",
-    "tokenizer", "plan", "quant_method", "report",
+    "tokenizer", "plan", "quant_method", "report", "head_bits", "dense_dtype",
 }
+DENSE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class HfcConfig(QuantizationConfigMixin):
@@ -39,6 +40,11 @@ class HfcConfig(QuantizationConfigMixin):
         tokenizer: tokenizer name or path for quantize-on-load (default: the model's own path).
         plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
             widths per module); otherwise quantization fills it in. Loading reads nothing else.
+        head_bits: also pack the output head (``lm_head``) at this width (weight-only round-to-nearest; 8 loses
+            little, 4 more). A head tied to the input embeddings is untied: the embeddings stay dense.
+        dense_dtype: ``"float16"``/``"bfloat16"``/``"float32"`` for everything left dense (embeddings, norms,
+            biases) after quantizing; default: keep the dtype the model was loaded in. Calibration still runs at
+            the load dtype; the saved checkpoint then loads in ``dense_dtype``.
         Options of the registered option groups (``registry.register_option_group``; e.g. rotation and token
         weighting from ``methods/rsq``) are accepted by every config.
     """
@@ -52,7 +58,8 @@ class HfcConfig(QuantizationConfigMixin):
     calibrated_architectures: tuple[str, ...] = ("decoder", "encoder")
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
-                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, **kwargs):
+                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, head_bits=None,
+                 dense_dtype=None, **kwargs):
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym = bits, group_size, sym
         QuantSpec(bits, group_size, sym)  # validates eagerly: a bad config fails at construction
@@ -61,6 +68,12 @@ class HfcConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.plan = None if plan is None else _validated_plan(plan)
         self.report = report
+        if head_bits is not None:
+            QuantSpec(head_bits, group_size, sym)
+        self.head_bits = head_bits
+        if dense_dtype is not None and str(dense_dtype).removeprefix("torch.") not in DENSE_DTYPES:
+            raise ValueError(f"dense_dtype must be one of {DENSE_DTYPES}, got {dense_dtype!r}")
+        self.dense_dtype = None if dense_dtype is None else str(dense_dtype).removeprefix("torch.")
         groups = option_groups()
         for group in groups:
             for key, default in group.defaults.items():
@@ -121,7 +134,21 @@ class HfcConfig(QuantizationConfigMixin):
             if bad:
                 raise ValueError(f"plan names modules that are not linear layers of this model: {bad[:5]}")
             return plan
-        return {name: self.default_spec() for name in self.planned_module_names(model)}
+        plan = {name: self.default_spec() for name in self.planned_module_names(model)}
+        head = self.head_module_name(model)
+        if head is not None:
+            plan[head] = QuantSpec(self.head_bits, self.group_size, self.sym)
+        return plan
+
+    def head_module_name(self, model: nn.Module) -> str | None:
+        """The output head's module name when ``head_bits`` asks to pack it."""
+        if self.head_bits is None:
+            return None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        if name is None or not isinstance(head, nn.Linear):
+            raise ValueError(f"head_bits: {type(model).__name__} has no linear output head to pack")
+        return name
 
     def planned_module_names(self, model: nn.Module) -> list[str]:
         """Decoder linears this config quantizes (``modules_to_not_convert`` applied); never empty."""

@@ -6,7 +6,7 @@ zero points (and whatever later formats add), divided by the number of weights t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -23,13 +23,24 @@ class SizeReport:
     ideal_bytes: int  # quantized_bits / 8 + dense_bytes
     fp16_bytes: int  # the same model with every parameter in fp16
     fp32_bytes: int
+    largest_dense: list = field(default_factory=list)  # [(tensor name, bytes)], the biggest dense tensors
+
+    @property
+    def packed_bytes(self) -> int:
+        return self.quantized_bits // 8
+
+    def split(self) -> str:
+        """``packed X + dense Y (largest: name Z, …)``: where the bytes of a checkpoint go."""
+        top = ", ".join(f"{n} {format_bytes(b)}" for n, b in self.largest_dense[:2])
+        return f"packed {format_bytes(self.packed_bytes)} + dense {format_bytes(self.dense_bytes)}" + (
+            f" (largest dense: {top})" if top else "")
 
     @property
     def bits_per_weight(self) -> float:
         return self.quantized_bits / max(self.quantized_weights, 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "bits_per_weight": round(self.bits_per_weight, 4)}
+        return {**asdict(self), "packed_bytes": self.packed_bytes, "bits_per_weight": round(self.bits_per_weight, 4)}
 
 
 def module_bits(module: PackedLinear) -> int:
@@ -46,16 +57,19 @@ def size_report(model: nn.Module) -> SizeReport:
             q_weights += mod.in_features * mod.out_features
             q_bits += module_bits(mod)
             packed_buffers.update(t.data_ptr() for _, t in mod.named_buffers(recurse=False) if t is not None)
-    seen, dense_params, dense_bytes = set(), 0, 0
-    for t in model.state_dict().values():  # what save_pretrained writes: persistent tensors only
+    seen, dense_params, dense_bytes, sizes = set(), 0, 0, []
+    for name, t in model.state_dict().items():  # what save_pretrained writes: persistent tensors only
         key = (t.data_ptr(), t.numel(), t.dtype)
         if t.data_ptr() in packed_buffers or key in seen or not t.is_floating_point():
             continue
         seen.add(key)
         dense_params += t.numel()
         dense_bytes += t.numel() * t.element_size()
+        sizes.append((name, t.numel() * t.element_size()))
     total = q_weights + dense_params
-    return SizeReport(q_weights, q_bits, dense_params, dense_bytes, q_bits // 8 + dense_bytes, total * 2, total * 4)
+    largest = sorted(sizes, key=lambda x: -x[1])[:3]
+    return SizeReport(q_weights, q_bits, dense_params, dense_bytes, q_bits // 8 + dense_bytes, total * 2, total * 4,
+                      largest)
 
 
 def checkpoint_bytes(path: str | Path) -> int:

@@ -172,7 +172,7 @@ def _quantized(artifact: Artifact, model) -> tuple[str, dict, bytes]:
             "plan_table": plan_table(model, per="layer"), "module_table": plan_table(model, per="module"),
             "bits_per_weight": f"{bits:.3f}", "code_bits": f"{code:.3f}",
             "quantized_weights": f"{size.quantized_weights:,}", "dense_params": f"{size.dense_params:,}",
-            "fp16_size": format_bytes(size.fp16_bytes),
+            "fp16_size": format_bytes(size.fp16_bytes), "size_split": size.split(),
             "tags": [quant["quant_method"].removeprefix("hfc_").replace("_", "-"), *[f"{b}-bit" for b in widths]]}, buf.getvalue()
 
 

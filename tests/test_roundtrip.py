@@ -152,3 +152,48 @@ def test_mixed_bit_widths_per_module_round_trip(tmp_path, calib, char_tokenizer)
     assert torch.equal(torch.load(tmp_path / "o.pt"), expect)
     with pytest.raises(ValueError, match="not linear layers"):
         hf_compress.quantize(TINY_MODELS["llama"](), RTNConfig(plan={"model.norm": {"bits": 4}}), progress=False)
+
+
+# -- checkpoint size: packed head, dense dtype, the split (issue 17) ------------------------------------------------
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_packed_tied_head_and_fp16_dense_parts_round_trip(tmp_path, head_bits):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama
+    from hf_compress.report import size_report
+
+    def tied():
+        model = tiny_llama()
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return model
+
+    reference, model = tied(), tied()
+    plain = hf_compress.quantize(tied(), hf_compress.RTNConfig(bits=4, group_size=32), progress=False)
+    q = hf_compress.quantize(model, hf_compress.RTNConfig(bits=4, group_size=32, head_bits=head_bits,
+                                                          dense_dtype="float16"), progress=False)
+    assert isinstance(q.lm_head, hf_compress.PackedLinear) and q.lm_head.spec.bits == head_bits
+    assert q.model.embed_tokens.weight.dtype == torch.float16 and q.config.tie_word_embeddings is False
+    hf_compress.save_pretrained(q, tmp_path / "q")
+    hf_compress.save_pretrained(plain, tmp_path / "plain")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, hf_compress.PackedLinear) and loaded.dtype == torch.float16
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70, 11]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+        dense = reference(ids).logits
+        assert (q(ids).logits.float() - dense).abs().mean() < 2 * (plain(ids).logits - dense).abs().mean()
+    split = size_report(q)
+    assert split.packed_bytes + split.dense_bytes == split.ideal_bytes
+    assert split.largest_dense[0][0] == "model.embed_tokens.weight"
+    assert size_report(q).dense_bytes < size_report(plain).dense_bytes / 1.9  # fp16 dense parts, head no longer dense
+    assert "packed" in split.split() and "dense" in split.split()
+
+
+def test_head_bits_and_dense_dtype_are_validated():
+    with pytest.raises(ValueError, match="unsupported bit width"):
+        hf_compress.RTNConfig(head_bits=12)
+    with pytest.raises(ValueError, match="dense_dtype must be one of"):
+        hf_compress.RTNConfig(dense_dtype="int8")

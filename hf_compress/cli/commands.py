@@ -188,7 +188,8 @@ def cmd_run(args) -> dict:
         result["checkpoint_bytes"] = checkpoint_bytes(args.out)
     print(f"\nperplexity  before {ppl_before:.3f}  after {ppl_after:.3f}   ({args.method}, {config.report['code_bits']:.3g} code bits, group {config.group_size})")
     print(f"size        {format_bytes(before_size.ideal_bytes)} -> {format_bytes(size.ideal_bytes)}"
-          f"   ({size.bits_per_weight:.3f} bits/weight on {size.quantized_weights:,} quantized weights; fp16 {format_bytes(size.fp16_bytes)})")
+          f"   ({size.split()}; {size.bits_per_weight:.3f} bits/weight on {size.quantized_weights:,} quantized weights; "
+          f"fp16 {format_bytes(size.fp16_bytes)})")
     print(f"time        {seconds:.1f} s to quantize")
     print(json.dumps(result))
     return result
@@ -205,8 +206,8 @@ def cmd_quantize(args) -> dict:
     save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     size = size_report(model)
     on_disk = checkpoint_bytes(out)
-    print(f"saved {out}: {format_bytes(on_disk)} on disk (ideal {format_bytes(size.ideal_bytes)}, fp16 {format_bytes(size.fp16_bytes)}, "
-          f"fp32 {format_bytes(size.fp32_bytes)}), {size.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
+    print(f"saved {out}: {format_bytes(on_disk)} on disk = {size.split()}; fp16 model {format_bytes(size.fp16_bytes)}, "
+          f"fp32 {format_bytes(size.fp32_bytes)}; {size.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
     return {"out": out, "checkpoint_bytes": on_disk, **size.to_dict()}
 
 

@@ -37,6 +37,7 @@ from hf_compress.checkpoint.verify import check_packed_tensors, verify_checkpoin
 from hf_compress.config import HfcConfig
 from hf_compress.formats.linear import PackedLinear
 from hf_compress.plan import overall_bits, plan_rows
+from hf_compress.solvers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ def _bias_of(module: nn.Module):
     return None if getattr(module, "bias", None) is None else module.bias.detach()
 
 
-def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, stats, report: dict) -> PackedLinear:
+def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, stats, report: dict,
+                 weight_only: bool = False) -> PackedLinear:
     W = weight_matrix(module).detach()
     if not torch.isfinite(W).all():
         raise ValueError(f"weights of {name} contain NaN or inf; refusing to quantize them")
-    result = config.solve(W, stats, plan[name], name=name)
+    result = rtn_quantize(W, plan[name]) if weight_only else config.solve(W, stats, plan[name], name=name)
     spec = result.spec or plan[name]
     if spec.is_mixed and spec != plan[name]:
         raise ValueError(f"{name}: the solver stored bit groups {spec.bit_groups}, the plan asked for {plan[name].bit_groups}")
@@ -96,20 +98,55 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     def solve(name, module, stats):
         return _packed_from(name, module, config, plan, stats, report)
 
+    head = config.head_module_name(model)
+    if head is not None:
+        _untie_head(model, head)
     if config.solver_needs_statistics:
         run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights)
+        for name in [n for n in plan if n == head]:  # outside the blocks: no calibrated statistics reach it
+            set_submodule(model, name, _packed_from(name, model.get_submodule(name), config, plan, None, report,
+                                                    weight_only=True))
     else:
         for name in tqdm(list(plan), desc="Quantizing modules", disable=not progress):
             set_submodule(model, name, solve(name, model.get_submodule(name), None))
     missing = [n for n in plan if not isinstance(model.get_submodule(n), PackedLinear)]
     if missing:
         raise ValueError(f"planned modules were never quantized (not reached by calibration?): {missing[:5]}")
+    if config.dense_dtype is not None:
+        cast_dense_parts(model, getattr(torch, config.dense_dtype))
     config.plan = {k: v.to_dict() for k, v in plan.items()}
     code_bits, bits = overall_bits(plan_rows(model))
     config.report = {"seconds": round(time.perf_counter() - start, 2), "code_bits": round(code_bits, 4),
                      "bits_per_weight": round(bits, 4), "skipped": skipped, "modules": report}
     attach_quantizer(model, config)
     return model
+
+
+def _untie_head(model: nn.Module, head: str) -> None:
+    """A packed head can no longer share the input embeddings' matrix: give it its own (the embeddings stay dense)
+    and record the untying so loading does not tie them again."""
+    module = model.get_submodule(head)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and module.weight is getattr(embeddings, "weight", None):
+        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Everything outside the packed codes/scales in ``dtype`` (the checkpoint then loads in it)."""
+    for module in model.modules():
+        packed = isinstance(module, PackedLinear)
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if name in module._non_persistent_buffers_set:  # not saved (e.g. rotary frequencies): rebuilt on load
+                continue
+            if buf is not None and buf.is_floating_point() and not (packed and name == "scales") and buf.dtype != dtype:
+                setattr(module, name, buf.to(dtype))
+    model.config.dtype = dtype
 
 
 def check_calibration_fits(model: nn.Module, batches: torch.Tensor) -> None:
