@@ -40,6 +40,10 @@ def rss(key):
             return int(line.split()[1]) / 1024
 
 model, tok = load_model(None)
+with torch.no_grad():  # safetensors loads lazily (file-backed pages count in RSS only once read): hold the weights
+    for p in model.parameters():  # in memory first, as after any use, so the baseline really contains them
+        p.data = p.data.clone()
+import gc; gc.collect()
 weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters()) / 2**20
 loaded = rss("VmRSS:")
@@ -103,7 +107,8 @@ def main() -> None:
              f"{datetime.date.today().isoformat()}", "",
              f"SmolLM2-135M-Instruct in fp32, 4-bit g64, calibration {args.num_samples} × {args.seq_len} tokens of "
              f"WikiText-2 valid. Each row a fresh process; {args.repeats} interleaved repeats, medians. *Loaded*: RSS "
-             "with the fp32 model loaded (runtime + weights); *peak*: highest RSS while quantizing; *above loaded*: "
+             "with the fp32 model loaded and its weights materialised (runtime + weights; safetensors would otherwise "
+             "map them lazily and the first read of each weight would count as growth); *peak*: highest RSS while quantizing; *above loaded*: "
              "peak − loaded. \"before\" = the package at commit " + args.before + " (dense copies kept for the whole "
              "run), \"after\" = this checkout (each block's copies dropped when the runner moves on).", "",
              f"fp32 weights {any_row['weights_mb']:.0f} MB; one block {any_row['block_mb']:.1f} MB; calibration "

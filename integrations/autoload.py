@@ -53,6 +53,7 @@ def _register_peft_methods():
     for method in registry.methods():
         if method.register_peft:
             registry.resolve(method.register_peft)()
+    importlib.import_module("hf_compress.integrations.peft_packed").register()  # LoRA on packed modules
 
 
 def _late_method(method) -> None:
