@@ -30,6 +30,7 @@ _LAZY = {
     "perplexity": "hf_compress.evaluation",
     "size_report": "hf_compress.report",
     "PackedLinear": "hf_compress.formats.linear",
+    "PackedEmbedding": "hf_compress.formats.embedding",
     "profile": "hf_compress.sensitivity",
     "SensitivityProfile": "hf_compress.sensitivity",
     "LNRemovalSchedule": "hf_compress.methods.ln_free.schedule",

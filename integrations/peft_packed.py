@@ -47,6 +47,7 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
+from hf_compress.formats.embedding import PackedEmbedding
 from hf_compress.formats.linear import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ PLAIN_INITS = (True, False, "gaussian")  # the inits that never read the base we
 
 def _is_packed(target: nn.Module) -> bool:
     get_base = getattr(target, "get_base_layer", None)  # a layer of another tuner around a packed module
-    return isinstance(get_base() if callable(get_base) else target, PackedLinear)
+    base = get_base() if callable(get_base) else target
+    return isinstance(base, PackedLinear) and not isinstance(base, PackedEmbedding)  # a packed table: PEFT refuses
 
 
 def _refuse_unsupported(config, name: str) -> None:

@@ -113,6 +113,30 @@ def test_top_level_help_and_unknown_commands_import_no_torch():
     assert "invalid choice: 'nosuch'" in run.stderr
 
 
+QUANTIZE_ARGS = ("import sys, json; from hf_compress.cli.commands import main; codes = [main(ARGS)];"
+                 "print(json.dumps([codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules)]))")
+
+
+def test_quantize_help_and_argument_errors_import_no_torch_once_the_option_table_is_cached(tmp_path):
+    """The first `quantize --help` builds the option table from the configs (imports torch); later runs, and
+    argument errors, read the cached table and import neither torch nor transformers. Editing a config (a new
+    source fingerprint) rebuilds it, so a new option shows up at once."""
+    env = subprocess_env(HF_COMPRESS_CACHE=str(tmp_path / "cache"))
+
+    def run(args):
+        out = subprocess.run([sys.executable, "-c", QUANTIZE_ARGS.replace("ARGS", repr(args))], capture_output=True,
+                             text=True, env=env, timeout=120)
+        return (*json.loads(out.stdout.strip().splitlines()[-1]), out)
+
+    codes, heavy, first = run(["quantize", "--help"])
+    assert codes == [0] and heavy == ["torch", "transformers"] and "--embedding-bits {1..8}" in first.stdout
+    codes, heavy, second = run(["quantize", "--help"])
+    assert codes == [0] and heavy == [] and second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]
+    codes, heavy, bad = run(["quantize", "x", "--out", str(tmp_path / "o"), "--bits", "11"])
+    assert codes == [2] and heavy == [] and "invalid choice: 11" in bad.stderr
+    assert len(list((tmp_path / "cache").glob("cli-options-*.json"))) == 1
+
+
 def test_quantize_usage_reads_as_meant(capsys):
     assert main(["quantize", "--help"]) == 0
     usage = capsys.readouterr().out.splitlines()[0]

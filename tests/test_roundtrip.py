@@ -2,6 +2,7 @@
 and in a fresh interpreter that never imports hf_compress."""
 
 import json
+import warnings
 import subprocess
 import sys
 
@@ -150,7 +151,7 @@ def test_mixed_bit_widths_per_module_round_trip(tmp_path, calib, char_tokenizer)
                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "o.pt"), expect)
-    with pytest.raises(ValueError, match="not linear layers"):
+    with pytest.raises(ValueError, match="neither linear layers nor embeddings"):
         hf_compress.quantize(TINY_MODELS["llama"](), RTNConfig(plan={"model.norm": {"bits": 4}}), progress=False)
 
 
@@ -197,3 +198,56 @@ def test_head_bits_and_dense_dtype_are_validated():
         hf_compress.RTNConfig(head_bits=12)
     with pytest.raises(ValueError, match="dense_dtype must be one of"):
         hf_compress.RTNConfig(dense_dtype="int8")
+
+
+@pytest.mark.parametrize("bits,group_size,tie", [(8, 32, True), (4, 32, False), (3, 16, True), (4, 24, False)])
+def test_packed_embeddings_round_trip_in_a_fresh_process(tmp_path, bits, group_size, tie):
+    """embedding_bits packs the input table (tied or not); lookups match the dequantized table exactly, the
+    checkpoint loads with identical logits in a process that never imports hf_compress, and it is smaller."""
+    from conftest import fresh_process_logits, tiny_llama
+    from hf_compress.report import size_report
+
+    def model_():
+        model = tiny_llama()
+        if tie:
+            model.config.tie_word_embeddings = True
+            model.tie_weights()
+        return model
+
+    reference, plain, model = model_(), model_(), model_()
+    plain = hf_compress.quantize(plain, RTNConfig(bits=4, group_size=group_size), progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        q = hf_compress.quantize(model, RTNConfig(bits=4, group_size=group_size, embedding_bits=bits), progress=False)
+    assert any("set head_bits too" in str(w.message) for w in seen) == tie
+    table = q.model.embed_tokens
+    assert isinstance(table, hf_compress.PackedEmbedding) and table.spec.bits == bits
+    assert q.config.tie_word_embeddings is False and not isinstance(q.lm_head, PackedLinear)
+    assert torch.equal(q.lm_head.weight, reference.lm_head.weight)  # an untied head keeps its exact weights
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70, 11, 5]])
+    assert torch.equal(table(ids)[0], table.dequantized_weight()[ids[0]])
+    with torch.no_grad():
+        err = (table(ids) - reference.model.embed_tokens(ids)).abs().max()
+        assert 0 < err < (0.02 if bits == 8 else 0.3)
+    hf_compress.save_pretrained(q, tmp_path / "q")
+    hf_compress.save_pretrained(plain, tmp_path / "plain")
+    with torch.no_grad():
+        expected = q(ids).logits
+    assert torch.equal(fresh_process_logits(tmp_path / "q", ids, tmp_path), expected)
+    table_bytes = table.in_features * table.out_features * 4
+    saved = size_report(plain).ideal_bytes - size_report(q).ideal_bytes  # fp32 table → packed table
+    assert saved < 0 if tie else saved > table_bytes * (1 - (bits + 1) / 32)
+
+
+def test_packed_embeddings_follow_dense_dtype_and_refuse_float_ids():
+    from conftest import tiny_llama
+
+    q = hf_compress.quantize(tiny_llama(), RTNConfig(bits=4, group_size=32, embedding_bits=8, dense_dtype="bfloat16"),
+                             progress=False)
+    assert q.model.embed_tokens(torch.tensor([[3, 4]])).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.tensor([[3, 4, 5]])).logits).all()
+    with pytest.raises(TypeError, match="integer ids"):
+        q.model.embed_tokens(torch.tensor([[3.0]]))
+    with pytest.raises(ValueError, match="unsupported bit width"):
+        RTNConfig(embedding_bits=9)

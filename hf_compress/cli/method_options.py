@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
+from pathlib import Path
 
-from hf_compress.config import HfcConfig
-from hf_compress.formats.packing import SUPPORTED_BITS
 from hf_compress.registry import methods, option_groups
 
 # Not CLI options: results written back by quantization, the plan itself, and what the CLI passes otherwise
@@ -38,6 +38,8 @@ def _arg_type(param: inspect.Parameter):
 
 def config_parameters(cls) -> dict[str, inspect.Parameter]:
     """The keyword options a config class takes (its own, the base config's, the option groups')."""
+    from hf_compress.config import HfcConfig
+
     params = {}
     for klass in reversed([c for c in cls.__mro__ if issubclass(c, HfcConfig)]):
         for name, p in inspect.signature(klass.__init__).parameters.items():
@@ -53,17 +55,55 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """``--method`` and one flag per config option over all quantization methods (grouped per method in --help)."""
-    quant = methods("quantization")
-    parser.add_argument("--method", choices=[m.name for m in quant], default="gptq",
-                        help="quantization method (`hf-compress methods` lists them)")
-    parser.add_argument("--skip", action="append", default=[], metavar="REGEX",
-                        help="keep modules whose name matches REGEX dense (repeatable)")
-    seen: dict[str, tuple] = {}
-    for method in quant:
+def option_table() -> list[dict]:
+    """Per quantization method, its flags as plain data (name, type, nargs, choices, help).
+
+    Building it imports every config class, hence transformers and torch (~3 s); ``--help`` and argument errors
+    should be instant, so the table is cached on disk, keyed by the package's source files (path, size, mtime)
+    and the registered methods: any change to the code or the registry rebuilds it. An unwritable cache only
+    costs the rebuild."""
+    import hashlib
+    import json
+
+    from hf_compress.cache import cache_dir
+
+    path = cache_dir() / f"cli-options-{_fingerprint(hashlib.sha256()).hexdigest()[:20]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    table = _build_option_table()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, path)  # concurrent CLIs never read a half-written table
+    except OSError:
+        pass
+    return table
+
+
+def _fingerprint(digest):
+    import hf_compress
+
+    root = Path(hf_compress.__file__).parent
+    for file in sorted(root.rglob("*.py")):
+        st = file.stat()
+        digest.update(f"{file.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for method in methods("quantization"):
+        digest.update(f"{method.name}={method.config};".encode())
+    for group in option_groups():
+        digest.update(f"group={group.name};".encode())
+    return digest
+
+
+def _build_option_table() -> list[dict]:
+    from hf_compress.formats.packing import SUPPORTED_BITS
+
+    table, seen = [], {}
+    for method in methods("quantization"):
         cls = method.config_class()
-        group = parser.add_argument_group(f"{method.name} options")
+        flags = []
         for name, param in config_parameters(cls).items():
             kind, many = _arg_type(param)
             if name in seen:
@@ -72,19 +112,36 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
                                     f"{seen[name][0].__name__} in another method: the CLI needs one type per name")
                 continue
             seen[name] = (kind, many)
-            help_text = _help(cls, name)
+            widths = kind is int and (name == "bits" or name.endswith("_bits"))  # a code width: what packing stores
+            flags.append({"name": name, "type": kind.__name__, "many": many, "default_true": param.default is True,
+                          "choices": list(SUPPORTED_BITS) if widths else None, "help": _help(cls, name)})
+        table.append({"method": method.name, "flags": flags})
+    return table
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and one flag per config option over all quantization methods (grouped per method in --help)."""
+    table = option_table()
+    parser.add_argument("--method", choices=[m["method"] for m in table], default="gptq",
+                        help="quantization method (`hf-compress methods` lists them)")
+    parser.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                        help="keep modules whose name matches REGEX dense (repeatable)")
+    for method in table:
+        group = parser.add_argument_group(f"{method['method']} options")
+        for opt in method["flags"]:
+            name, kind, help_text = opt["name"], _TYPES[opt["type"]], opt["help"]
             if kind is bool:
-                if param.default is True:
+                if opt["default_true"]:
                     group.add_argument(flag(f"no_{name}"), dest=name, action="store_false", default=argparse.SUPPRESS,
                                        help=help_text)
                 else:
                     group.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS,
                                        help=help_text)
             else:
-                widths = kind is int and (name == "bits" or name.endswith("_bits"))  # a code width: what packing stores
-                group.add_argument(flag(name), dest=name, type=kind, nargs="+" if many else None,
-                                   choices=list(SUPPORTED_BITS) if widths else None, default=argparse.SUPPRESS,
-                                   help=help_text, metavar="{%d..%d}" % (SUPPORTED_BITS[0], SUPPORTED_BITS[-1]) if widths else None)
+                choices = opt["choices"]
+                group.add_argument(flag(name), dest=name, type=kind, nargs="+" if opt["many"] else None,
+                                   choices=choices, default=argparse.SUPPRESS, help=help_text,
+                                   metavar="{%d..%d}" % (choices[0], choices[-1]) if choices else None)
 
 
 def _help(cls, name: str) -> str | None:

@@ -35,6 +35,7 @@ from hf_compress.calibration.runner import run_sequential
 from hf_compress.checkpoint.rebuild import build_packed_modules, check_mixed_segments
 from hf_compress.checkpoint.verify import check_packed_tensors, verify_checkpoint_files
 from hf_compress.config import HfcConfig
+from hf_compress.formats.embedding import PackedEmbedding
 from hf_compress.formats.linear import PackedLinear
 from hf_compress.plan import overall_bits, plan_rows
 from hf_compress.solvers.rtn import rtn_quantize
@@ -48,6 +49,8 @@ def _bias_of(module: nn.Module):
 
 def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, stats, report: dict,
                  weight_only: bool = False) -> PackedLinear:
+    if isinstance(module, nn.Embedding):
+        return _packed_embedding(name, module, plan[name], report)
     W = weight_matrix(module).detach()
     if not torch.isfinite(W).all():
         raise ValueError(f"weights of {name} contain NaN or inf; refusing to quantize them")
@@ -59,6 +62,18 @@ def _packed_from(name: str, module: nn.Module, config: HfcConfig, plan: dict, st
     packed.to(W.device)
     report[name] = {"output_error": result.output_error}
     return packed
+
+
+def _packed_embedding(name: str, module: nn.Embedding, spec, report: dict) -> PackedEmbedding:
+    """An embedding table is solved weight-only (rows are looked up, not multiplied: no Hessian applies)."""
+    W = module.weight.detach()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"weights of {name} contain NaN or inf; refusing to quantize them")
+    result = rtn_quantize(W, spec)
+    packed = PackedEmbedding.from_embedding_codes(result.codes, result.scales, result.zeros, spec,
+                                                  padding_idx=module.padding_idx, dtype=W.dtype)
+    report[name] = {"output_error": result.output_error}
+    return packed.to(W.device)
 
 
 def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=None, progress: bool = True) -> nn.Module:
@@ -98,12 +113,16 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     def solve(name, module, stats):
         return _packed_from(name, module, config, plan, stats, report)
 
-    head = config.head_module_name(model)
-    if head is not None:
-        _untie_head(model, head)
+    head, table = config.head_module_name(model), config.embedding_module_name(model)
+    if head is not None or table is not None:
+        if table is not None and head is None and _is_tied(model):
+            warnings.warn("embedding_bits on a model whose head shares the embedding matrix: the head is untied and "
+                          "stays dense, so the checkpoint holds the dense matrix plus the packed table and grows; set "
+                          "head_bits too to pack both", stacklevel=2)
+        _untie_head(model)
     if config.solver_needs_statistics:
         run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights)
-        for name in [n for n in plan if n == head]:  # outside the blocks: no calibrated statistics reach it
+        for name in [n for n in plan if n in (head, table)]:  # outside the blocks: no calibrated statistics reach them
             set_submodule(model, name, _packed_from(name, model.get_submodule(name), config, plan, None, report,
                                                     weight_only=True))
     else:
@@ -122,12 +141,17 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     return model
 
 
-def _untie_head(model: nn.Module, head: str) -> None:
-    """A packed head can no longer share the input embeddings' matrix: give it its own (the embeddings stay dense)
-    and record the untying so loading does not tie them again."""
-    module = model.get_submodule(head)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and module.weight is getattr(embeddings, "weight", None):
+def _is_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return head is not None and table is not None and head.weight is getattr(table, "weight", None)
+
+
+def _untie_head(model: nn.Module) -> None:
+    """A packed head or packed embeddings can no longer share one matrix: give the head its own and record the
+    untying so loading does not tie them again."""
+    if _is_tied(model):
+        module = model.get_output_embeddings()
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
     for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
@@ -138,6 +162,8 @@ def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> None:
     """Everything outside the packed codes/scales in ``dtype`` (the checkpoint then loads in it)."""
     for module in model.modules():
         packed = isinstance(module, PackedLinear)
+        if isinstance(module, PackedEmbedding):
+            module.output_dtype = dtype
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
