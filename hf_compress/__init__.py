@@ -31,6 +31,7 @@ _LAZY = {
     "size_report": "hf_compress.report",
     "PackedLinear": "hf_compress.formats.linear",
     "PackedEmbedding": "hf_compress.formats.embedding",
+    "kernel_report": "hf_compress.kernels.report",
     "profile": "hf_compress.sensitivity",
     "SensitivityProfile": "hf_compress.sensitivity",
     "LNRemovalSchedule": "hf_compress.methods.ln_free.schedule",

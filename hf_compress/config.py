@@ -155,22 +155,15 @@ class HfcConfig(QuantizationConfigMixin):
         """The input embeddings' module name when ``embedding_bits`` asks to pack them."""
         if self.embedding_bits is None:
             return None
-        table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        name = next((n for n, m in model.named_modules() if m is table), None) if table is not None else None
-        if name is None or type(table) is not nn.Embedding:
-            raise ValueError(f"embedding_bits: {type(model).__name__} has no plain nn.Embedding input table to pack "
-                             f"(found {type(table).__name__})")
-        return name
+        return _named_table(model, "get_input_embeddings", lambda m: type(m) is nn.Embedding,
+                            "embedding_bits", "plain nn.Embedding input table")
 
     def head_module_name(self, model: nn.Module) -> str | None:
         """The output head's module name when ``head_bits`` asks to pack it."""
         if self.head_bits is None:
             return None
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-        if name is None or not isinstance(head, nn.Linear):
-            raise ValueError(f"head_bits: {type(model).__name__} has no linear output head to pack")
-        return name
+        return _named_table(model, "get_output_embeddings", lambda m: isinstance(m, nn.Linear), "head_bits",
+                            "linear output head")
 
     def planned_module_names(self, model: nn.Module) -> list[str]:
         """Decoder linears this config quantizes (``modules_to_not_convert`` applied); never empty."""
@@ -262,3 +255,12 @@ def _validated_plan(plan) -> dict[str, dict]:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"plan entry of {name!r} is invalid: {exc}") from None
     return out
+
+
+def _named_table(model: nn.Module, getter: str, accepts, option: str, what: str) -> str:
+    """The name of the module ``model.<getter>()`` returns, if ``accepts`` it; else an error naming ``option``."""
+    module = getattr(model, getter)() if hasattr(model, getter) else None
+    name = next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+    if name is None or not accepts(module):
+        raise ValueError(f"{option}: {type(model).__name__} has no {what} to pack (found {type(module).__name__})")
+    return name

@@ -8,6 +8,7 @@ logged once, loudly, so a slow model is never a silent surprise.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -35,4 +36,82 @@ def dequantize(module, dtype=torch.float32) -> torch.Tensor:
     return dequantize_reference(module, dtype)
 
 
-__all__ = ["dequantize", "dequantize_reference"]
+MODES = ("auto", "reference")
+
+
+def kernel_mode() -> str:
+    """``HF_COMPRESS_KERNELS``: ``auto`` (default: fast paths where they apply) or ``reference`` (dequantize with the
+    torch reference and multiply in the activations' dtype: exact, slow; what the round-trip tests compare)."""
+    mode = os.environ.get("HF_COMPRESS_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"HF_COMPRESS_KERNELS={mode!r}: choose one of {MODES}")
+    return mode
+
+
+def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without a bias, by the fastest path that serves ``module`` on ``x``'s device.
+
+    CPU: the segment kernels of ``cpu_linear`` (bf16 compute, repacked once at the first call). CUDA: the
+    Triton dequantize + a dense matmul. ``reference`` mode, or autograd through the input (fine-tuning), takes
+    the reference dequantize: the fast ops have no backward. Runs once per module per token, so the checks are
+    ordered cheapest first."""
+    if (x.requires_grad and torch.is_grad_enabled()) or kernel_mode() == "reference":
+        return torch.nn.functional.linear(x, dequantize(module, x.dtype))
+    if module.weight.is_cuda:
+        return _cuda_linear(module, x)
+    if not module.weight.is_cpu:
+        return torch.nn.functional.linear(x, dequantize(module, x.dtype))
+    cpu_plan(module)
+    return module.__dict__["_cpu_plan"][3](x).to(x.dtype)
+
+
+def fast_cpu_forward(module, x: torch.Tensor):
+    """The CPU kernel's result when the module's plan is current and the fast path applies, else ``None`` (the
+    caller then takes :func:`packed_linear`). The checks of ``packed_linear`` with nothing else around them."""
+    cached = module.__dict__.get("_cpu_plan")
+    if cached is None:
+        return None
+    weight = module._buffers["weight"]
+    if cached[0] is not weight or cached[1] != weight._version or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if os.environ.get("HF_COMPRESS_KERNELS", "auto") not in ("auto", ""):
+        return None
+    return cached[3](x).to(x.dtype)
+
+
+# Rows up to which the fused Triton kernel serves a call on CUDA; above, dequantize + cuBLAS. Not measured yet
+# (no GPU in the sessions so far): benchmarks/gpu_kernels.sh measures both paths on a GPU.
+CUDA_FUSED_MAX_ROWS = 64
+
+
+def _cuda_linear(module, x: torch.Tensor) -> torch.Tensor:
+    try:
+        from hf_compress.kernels.triton_matmul import packed_matmul_triton
+    except ImportError as exc:
+        _warn_once("triton-import", f"hf-compress: Triton unavailable ({exc}); using the slow torch dequantize")
+        return torch.nn.functional.linear(x, dequantize(module, x.dtype))
+    if x.numel() // max(x.shape[-1], 1) <= CUDA_FUSED_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16,
+                                                                                torch.float32):
+        return packed_matmul_triton(module, x)
+    return torch.nn.functional.linear(x, dequantize(module, x.dtype))
+
+
+def cpu_plan(module):
+    """The module's CPU kernel plan, built at the first call and rebuilt if its ``weight`` buffer was replaced or
+    written in place (a later ``load_state_dict``); kept outside the state dict, so checkpoints do not change."""
+    cached = module.__dict__.get("_cpu_plan")
+    weight = module.weight
+    if cached is None or cached[0] is not weight or cached[1] != weight._version:
+        from hf_compress.kernels.cpu_linear import build_plan
+
+        plan = build_plan(module)
+        cached = (weight, weight._version, plan, plan.runner(module))
+        module.__dict__["_cpu_plan"] = cached
+        if plan.fallback_reasons:
+            _warn_once(f"dense:{'; '.join(plan.fallback_reasons)}", f"hf-compress: modules like {type(module).__name__}("
+                       f"{module.extra_repr()}) keep a dense bf16 copy of {len(plan.fallback_reasons)} segment(s): "
+                       f"{'; '.join(plan.fallback_reasons)} (`hf_compress.kernel_report(model)` lists every module)")
+    return cached[2]
+
+
+__all__ = ["dequantize", "dequantize_reference", "kernel_mode", "packed_linear", "fast_cpu_forward", "cpu_plan"]

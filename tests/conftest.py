@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Numerics tests compare packed models exactly (round trips, fresh processes): they run the torch reference, the
+# precision contract. The fast CPU kernels (bf16) are tested against it in test_cpu_kernels.py, which switches
+# this back to "auto" per test.
+os.environ.setdefault("HF_COMPRESS_KERNELS", "reference")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 WIKITEXT = DATA / "wikitext-2"

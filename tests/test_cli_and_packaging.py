@@ -21,11 +21,18 @@ def dense_dir(tmp_path):
     return tmp_path / "dense"
 
 
-def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys):
+def test_cli_quantize_rtn_and_eval(dense_dir, tmp_path, capsys, monkeypatch):
     assert main(["quantize", str(dense_dir), "--out", str(tmp_path / "q"), "--method", "rtn", "--bits", "3", "--group-size", "32"]) == 0
     assert "bits/weight" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert model.config.quantization_config.plan["model.layers.0.mlp.up_proj"]["bits"] == 3
+    (tmp_path / "eval.txt").write_text("the quick brown fox jumps over the lazy dog " * 40)
+    eval_args = ["eval", str(tmp_path / "q"), "--eval-dataset", str(tmp_path / "eval.txt"), "--eval-seq-len", "32",
+                 "--max-windows", "2"]
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
+    assert main(eval_args) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "kernels: int4 × 14" in out  # which kernel serves generate()
 
 
 def test_cli_errors_are_clear(dense_dir, tmp_path, capsys):

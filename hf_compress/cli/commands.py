@@ -221,6 +221,10 @@ def cmd_eval(args) -> dict:
     size = size_report(model)
     print(f"perplexity {ppl:.3f}   size {format_bytes(size.ideal_bytes)}   "
           + (f"{size.bits_per_weight:.3f} bits/weight" if size.quantized_weights else "dense"))
+    if size.quantized_weights:  # perplexity uses the exact reference numerics; say what serves generate()
+        from hf_compress.kernels.report import format_kernel_report, kernel_report
+
+        print(format_kernel_report(kernel_report(model)) + "   (perplexity above: reference numerics)")
     if args.record:
         from hf_compress.integrations.card_inputs import record_card_inputs
 

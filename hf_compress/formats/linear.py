@@ -10,7 +10,9 @@ State (all buffers, saved as safetensors):
 A mixed-width module concatenates its segments: ``weight`` and ``qzeros`` hold each segment's packed stream
 in turn, ``scales`` holds their groups side by side.
 
-The forward dequantizes through :mod:`hf_compress.kernels`, whose torch reference defines the numerics.
+The forward runs through :mod:`hf_compress.kernels` (``packed_linear``): on CPU a kernel over the packed codes
+in bf16, repacked once at the first call; its torch reference (``HF_COMPRESS_KERNELS=reference``) defines the
+numerics.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from hf_compress.formats.columns import Segment, segments, split_stored
 from hf_compress.formats.grid import SCALE_DTYPE, QuantSpec
 from hf_compress.formats.packing import pack_codes, packed_numel, unpack_codes
+from hf_compress.kernels.dispatch import fast_cpu_forward, packed_linear
 
 
 _cache_depth = 0
@@ -156,9 +159,11 @@ class PackedLinear(nn.Module):
                 self._dense_cache = self.dequantized_weight(x.dtype)
                 _cached_modules.add(self)
             w = self._dense_cache
-        else:
-            w = self.dequantized_weight(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = fast_cpu_forward(self, x)
+        if y is None:
+            y = packed_linear(self, x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         bits = self.spec.bits if not self.spec.is_mixed else f"{self.spec.code_bits(self.in_features):.3g} (mixed {dict(self.spec.bit_groups)})"
