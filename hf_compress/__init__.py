@@ -32,6 +32,7 @@ _LAZY = {
     "PackedLinear": "hf_compress.formats.linear",
     "PackedEmbedding": "hf_compress.formats.embedding",
     "kernel_report": "hf_compress.kernels.report",
+    "export": "hf_compress.exporters",
     "profile": "hf_compress.sensitivity",
     "SensitivityProfile": "hf_compress.sensitivity",
     "LNRemovalSchedule": "hf_compress.methods.ln_free.schedule",

@@ -102,6 +102,14 @@ def _build_push(sub):
     p.add_argument("--create-pr", action="store_true")
 
 
+def _build_export(sub):
+    p = add_model_command(sub, "export", help=HELP["export"], out_help="folder for the exported file, its report and card")
+    p.add_argument("--format", default="gguf", help="serving format (gguf)")
+    p.add_argument("--widen", action="store_true",
+                   help="write modules the format cannot hold exactly in a wider type (size cost reported) "
+                        "instead of refusing")
+
+
 HELP = {
     "run": "quantize MODEL and print perplexity before/after, size and time",
     "quantize": "quantize MODEL and save it to --out OUT",
@@ -111,6 +119,7 @@ HELP = {
     "card": "render the model card of a saved hf-compress checkpoint without pushing",
     "push": "upload a saved hf-compress checkpoint with its model card to the Hub",
     "methods": "list the registered methods, one line each",
+    "export": "write MODEL in a serving format (GGUF for llama.cpp/Ollama) to --out OUT",
 }
 
 
@@ -118,7 +127,7 @@ def _builders() -> dict:
     """Command name → (help, function adding its parser). Methods that are no quantization config bring their own
     command, named like the method (``Method.cli``)."""
     out = {"run": _build_run, "quantize": _build_quantize, "eval": _build_eval, "profile": _build_profile,
-           "plan": _build_plan, "card": _build_card, "push": _build_push,
+           "plan": _build_plan, "card": _build_card, "push": _build_push, "export": _build_export,
            "methods": lambda sub: sub.add_parser("methods", help=HELP["methods"])}
     out = {name: (HELP[name], build) for name, build in out.items()}
     for method in methods():
@@ -306,7 +315,35 @@ def cmd_plan(args) -> dict:
     return out
 
 
-COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "profile": cmd_profile, "plan": cmd_plan,
+def cmd_export(args) -> dict:
+    import json as _json
+    from pathlib import Path
+
+    from hf_compress.exporters import FORMATS, REPORT, export
+    from hf_compress.report import format_bytes
+
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(FORMATS)}")
+    if args.out and (Path(args.out) / REPORT).is_file():
+        args.overwrite = True  # our own previous export is replaced (atomically)
+    check_out(args)
+    model, tokenizer = load_model_arg(args.model, args.dtype)
+    from hf_compress.exporters.gguf import tokenizer_is_bpe
+
+    if not tokenizer_is_bpe(tokenizer):
+        print(f"hf-compress: the tokenizer of MODEL is no byte-level BPE ({type(tokenizer).__name__}); exporting the "
+              "weights alone: llama.cpp needs a tokenizer in the file, transformers' GGUF loader does not",
+              file=sys.stderr)
+        tokenizer = None
+    path = export(model, args.out, format=args.format, tokenizer=tokenizer, widen=args.widen, overwrite=args.overwrite)
+    summary = _json.loads((Path(args.out) / REPORT).read_text())
+    print(f"exported {path}: {format_bytes(summary['file_bytes'])}"
+          + (f"; widened {len(summary['widened'])} module(s) to F16 (+{format_bytes(summary['widened_extra_bytes'])})"
+             if summary["widened"] else ""))
+    return summary
+
+
+COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "export": cmd_export, "eval": cmd_eval, "profile": cmd_profile, "plan": cmd_plan,
             "card": cmd_card, "push": cmd_push}
 
 
