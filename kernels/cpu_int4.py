@@ -65,7 +65,7 @@ def to_int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
     Codes narrower than 4 bits are shifted up by ``8 − 2^(bits−1)`` (their zero points likewise), which centres
     them on the kernel's 8: the bf16 ``zero = (8 − z)·s`` term is then small, and so is its rounding error
-    (unshifted, 2-bit outputs were 4 % off; the shift is exact in the arithmetic)."""
+    (unshifted, 2-bit outputs missed the bf16 tolerance of the tests; the shift is exact in the arithmetic)."""
     n, k = codes.shape
     return to_int4_weight_by_rows(lambda r0, r1: codes[r0:r1], n, k, scales, zeros, width, bits)
 

@@ -7,8 +7,8 @@ A module (or each width segment of a mixed module) gets, in order of preference:
   point is folded in as ``− Σx · s·z``); memory ≈ one byte per weight;
 * ``dense``: anything else (grouped 5–8-bit, groups the int4 kernel refuses, odd shapes) keeps one bf16 copy of
   that segment, dequantized once — never re-dequantized per call; logged once with the module names. For grouped
-  8-bit this is the best measured alternative (1536×576 and 576×1536, g64, ms at M=1 / M=512: bf16 copy 0.07 /
-  7.0, one int8 call per group 0.14–0.20 / 49, dequantize per call 0.30 / 7.0–8.3).
+  8-bit this is the best measured alternative (benchmarks/cpu_kernels.py: faster than one int8 call per group or
+  a dequantize per call, at 1 and at 512 rows).
 
 The plan is built at the first forward (after loading or quantizing) and lives on the module outside its
 state dict, so checkpoints do not change. Activations run in bf16 and results are cast back to the caller's
@@ -25,13 +25,11 @@ import torch
 from hf_compress.kernels import cpu_int4
 
 COMPUTE_DTYPE = cpu_int4.COMPUTE_DTYPE
-# _weight_int8pack_mm (torch 2.13 CPU) is only correct when K is a multiple of 16: K=40 gave 50 % errors, K=33
-# crashed the process. Inputs are padded to it.
+# _weight_int8pack_mm (torch 2.13 CPU) is only correct when K is a multiple of 16 (K=40: 55 % error; K=33 crashed
+# the process): inputs are padded to it. Rows from which dequantize-per-call + a bf16 GEMM beats the int4 kernel:
+# the crossover on SmolLM2's shapes lies between 128 and 256 rows (576×1536 ties at 256). Both measured by
+# benchmarks/cpu_kernels.py (RESULTS.md "CPU kernel choices").
 INT8_K_MULTIPLE = 16
-# Rows from which dequantize-per-call + a bf16 GEMM beats the int4 kernel. Measured on this machine kind (2-core
-# EPYC, torch 2.13), 4-bit g64, ms per call, int4 kernel vs dequantize + GEMM:
-#   576×576:   M=128 0.60 vs 0.63, M=512 2.43 vs 1.25;  1536×576: M=128 1.65 vs 1.65, M=512 6.37 vs 4.52;
-#   576×1536:  M=128 1.60 vs 2.47, M=512 6.37 vs 4.67.   The crossover lies between 128 and 512 rows.
 LARGE_M = 256
 
 
@@ -52,7 +50,7 @@ class CpuPlan:
         """``x -> x @ Wᵀ`` (bf16). One int4 segment over all columns, the common case, gets a closure with nothing
         but the op around it: it runs once per module per token, where every extra Python step shows. With
         ``LARGE_M`` rows or more (prefill) a module whose codes unpack with shifts alone is dequantized for the call
-        and multiplied by a bf16 GEMM instead, which is faster there (the measured table is at ``LARGE_M``)."""
+        and multiplied by a bf16 GEMM instead, which is faster there (see ``LARGE_M``)."""
         if len(self.segments) == 1 and self.segments[0].kind == "int4":
             seg = self.segments[0]
             w, cols, pad = seg.payload, seg.cols, seg.reads_padding

@@ -51,8 +51,8 @@ def kernel_mode() -> str:
 def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` without a bias, by the fastest path that serves ``module`` on ``x``'s device.
 
-    CPU: the segment kernels of ``cpu_linear`` (bf16 compute, repacked once at the first call). CUDA: the
-    Triton dequantize + a dense matmul. ``reference`` mode, or autograd through the input (fine-tuning), takes
+    CPU: the segment kernels of ``cpu_linear`` (bf16 compute, repacked once at the first call). CUDA: the fused
+    Triton dequantize-matmul up to ``CUDA_FUSED_MAX_ROWS`` rows, dequantize + cuBLAS above. ``reference`` mode, or autograd through the input (fine-tuning), takes
     the reference dequantize: the fast ops have no backward. Runs once per module per token, so the checks are
     ordered cheapest first."""
     if (x.requires_grad and torch.is_grad_enabled()) or kernel_mode() == "reference":
@@ -69,10 +69,7 @@ def fast_cpu_forward(module, x: torch.Tensor):
     """The CPU kernel's result when the module's plan is current and the fast path applies, else ``None`` (the
     caller then takes :func:`packed_linear`). The checks of ``packed_linear`` with nothing else around them."""
     cached = module.__dict__.get("_cpu_plan")
-    if cached is None:
-        return None
-    weight = module._buffers["weight"]
-    if cached[0] is not weight or cached[1] != weight._version or (x.requires_grad and torch.is_grad_enabled()):
+    if not _is_current(cached, module._buffers["weight"]) or (x.requires_grad and torch.is_grad_enabled()):
         return None
     if os.environ.get("HF_COMPRESS_KERNELS", "auto") not in ("auto", ""):
         return None
@@ -96,12 +93,17 @@ def _cuda_linear(module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, dequantize(module, x.dtype))
 
 
+def _is_current(cached, weight) -> bool:
+    """A cached ``(weight, version, plan, runner)`` still describes ``weight`` (same tensor, not written since)."""
+    return cached is not None and cached[0] is weight and cached[1] == weight._version
+
+
 def cpu_plan(module):
     """The module's CPU kernel plan, built at the first call and rebuilt if its ``weight`` buffer was replaced or
     written in place (a later ``load_state_dict``); kept outside the state dict, so checkpoints do not change."""
     cached = module.__dict__.get("_cpu_plan")
     weight = module.weight
-    if cached is None or cached[0] is not weight or cached[1] != weight._version:
+    if not _is_current(cached, weight):
         from hf_compress.kernels.cpu_linear import build_plan
 
         plan = build_plan(module)
