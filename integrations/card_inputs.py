@@ -22,7 +22,7 @@ from hf_compress.checkpoint.artifacts import artifact_kind, read_json
 
 CARD_INPUTS_FILE = "hf_compress_card.json"
 # What a push uploads: the checkpoint itself, never Trainer state (optimizer.pt, training_args.bin, checkpoint-*/, runs/)
-UPLOADED = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+UPLOADED = ("*.safetensors", "*.gguf", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 NOT_UPLOADED = ("trainer_state.json", "README.md")
 
 

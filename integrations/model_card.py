@@ -51,6 +51,11 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, base_mode
         tags: extra Hub tags.
     """
     artifact = inspect_checkpoint(folder)
+    if artifact.kind == "export":  # a serving export: its card comes from the export report
+        from hf_compress.exporters.card import export_card, read_export_report
+
+        return RenderedCard(export_card(read_export_report(folder), repo_id or artifact.folder.resolve().name,
+                                        base_model, results=results, tags=tags))
     recorded = read_card_inputs(folder)
     base_model = base_model or recorded["base_model"] or _base_model_from(artifact)
     results = recorded["results"] + list(results or [])

@@ -81,13 +81,13 @@ def test_plans_without_an_exact_block_type_are_refused_or_widened(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was written
     path = hf_compress.export(model, tmp_path / "out", widen=True)
     report = json.loads((tmp_path / "out" / REPORT).read_text())
-    assert len(report["widened"]) == 14 and report["widened_extra_bytes"] > 0
+    assert len(report["widened"]) == 14 and report["extra_bytes"] > 0
     assert report["types"]["blk.0.ffn_up.weight"] == "F16"
     with torch.no_grad():
         expected = model(torch.tensor(IDS)).logits
     got = gguf_logits(tmp_path / "out", path.name, tmp_path)
     assert float((got - expected).abs().max()) < 5e-3 * float(expected.abs().max()) + 1e-3
-    with pytest.raises(ValueError, match="unknown export format 'onnx'; formats: gguf"):
+    with pytest.raises(ValueError, match="unknown export format 'onnx'; formats: compressed-tensors, gptq, gguf"):
         hf_compress.export(model, tmp_path / "x", format="onnx")
     group48 = hf_compress.quantize(tiny_llama(), hf_compress.RTNConfig(bits=4, group_size=48), progress=False)
     with pytest.raises(ValueError, match="groups of 48 over 64 inputs are not whole blocks of 32"):

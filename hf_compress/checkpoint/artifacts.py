@@ -16,6 +16,7 @@ from pathlib import Path
 from hf_compress.checkpoint.verify import verify_safetensors_file
 from hf_compress.registry import methods, resolve
 
+EXPORT_REPORT = "hf_compress_export.json"  # marks a serving export (hf_compress.exporters)
 WEIGHT_PICKLES = re.compile(r"^(pytorch_model|adapter_model|model)[\w.-]*\.(bin|pt|pth)$|\.ckpt$")
 
 
@@ -31,7 +32,7 @@ class Artifact:
 
     @property
     def weight_files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.safetensors"))
+        return sorted([*self.folder.glob("*.safetensors"), *self.folder.glob("*.gguf")])
 
     @property
     def weight_bytes(self) -> int:
@@ -55,6 +56,10 @@ def inspect_checkpoint(folder: str | os.PathLike) -> Artifact:
         raise ValueError(f"{folder} holds pickle weight files ({', '.join(pickles)}); hf-compress publishes safetensors only")
     for f in folder.glob("*.safetensors"):
         verify_safetensors_file(f)
+    if (folder / EXPORT_REPORT).is_file():  # a serving export: its own format's files, described by the report
+        read_json(folder / EXPORT_REPORT)
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        return Artifact("export", folder, config=config)
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
         raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
     if not (folder / "adapter_config.json").is_file():
@@ -80,6 +85,8 @@ def artifact_kind(folder: str | os.PathLike) -> str | None:
     hf-compress did not make), or a kind a registered method claims by its model/PEFT type or recogniser — or None
     (a plain checkpoint, or no checkpoint at all). Reads only the JSON configs."""
     folder = Path(folder)
+    if (folder / EXPORT_REPORT).is_file():
+        return "export"
     if (folder / "adapter_config.json").is_file():
         peft_type = read_json(folder / "adapter_config.json").get("peft_type")
         return _claimed_kind("peft_types", peft_type) or "adapter"

@@ -103,11 +103,18 @@ def _build_push(sub):
 
 
 def _build_export(sub):
-    p = add_model_command(sub, "export", help=HELP["export"], out_help="folder for the exported file, its report and card")
-    p.add_argument("--format", default="gguf", help="serving format (gguf)")
+    p = add_model_command(sub, "export", help=HELP["export"], out_help="folder for the exported file, its report and card",
+                          out_required=False)
+    p.add_argument("out_dir", nargs="?", default=None, help="the export folder (same as --out)")
+    p.add_argument("--format", default="gguf", help="serving format: compressed-tensors (vLLM), gptq, gguf (llama.cpp)")
     p.add_argument("--widen", action="store_true",
                    help="write modules the format cannot hold exactly in a wider type (size cost reported) "
                         "instead of refusing")
+    p.add_argument("--servable", default="refuse", choices=("refuse", "widen", "off"),
+                   help="compressed-tensors: refuse modules vLLM's kernels cannot serve (default), widen them "
+                        "exactly, or write for transformers' reader only")
+    p.add_argument("--export-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="dtype of dense tensors and scales in the export (float16 keeps our scales exact)")
 
 
 HELP = {
@@ -119,7 +126,7 @@ HELP = {
     "card": "render the model card of a saved hf-compress checkpoint without pushing",
     "push": "upload a saved hf-compress checkpoint with its model card to the Hub",
     "methods": "list the registered methods, one line each",
-    "export": "write MODEL in a serving format (GGUF for llama.cpp/Ollama) to --out OUT",
+    "export": "write MODEL for a server: compressed-tensors (vLLM), GPTQ or GGUF (llama.cpp/Ollama)",
 }
 
 
@@ -324,22 +331,35 @@ def cmd_export(args) -> dict:
 
     if args.format not in FORMATS:
         raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(FORMATS)}")
+    if args.out_dir and args.out and args.out_dir != args.out:
+        raise ValueError(f"two export folders given ({args.out_dir} and --out {args.out}); give one")
+    args.out = args.out or args.out_dir
+    if not args.out:
+        raise ValueError("give the export folder: hf-compress export MODEL OUT --format FORMAT")
     if args.out and (Path(args.out) / REPORT).is_file():
         args.overwrite = True  # our own previous export is replaced (atomically)
     check_out(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
     from hf_compress.exporters.gguf import tokenizer_is_bpe
 
-    if not tokenizer_is_bpe(tokenizer):
+    if args.format == "gguf" and not tokenizer_is_bpe(tokenizer):
         print(f"hf-compress: the tokenizer of MODEL is no byte-level BPE ({type(tokenizer).__name__}); exporting the "
               "weights alone: llama.cpp needs a tokenizer in the file, transformers' GGUF loader does not",
               file=sys.stderr)
         tokenizer = None
-    path = export(model, args.out, format=args.format, tokenizer=tokenizer, widen=args.widen, overwrite=args.overwrite)
+    path = export(model, args.out, format=args.format, tokenizer=tokenizer, widen=args.widen, servable=args.servable,
+                  dtype=args.export_dtype, overwrite=args.overwrite)
     summary = _json.loads((Path(args.out) / REPORT).read_text())
     print(f"exported {path}: {format_bytes(summary['file_bytes'])}"
-          + (f"; widened {len(summary['widened'])} module(s) to F16 (+{format_bytes(summary['widened_extra_bytes'])})"
-             if summary["widened"] else ""))
+          + (f"; widening cost +{format_bytes(summary['extra_bytes'])}" if summary.get("extra_bytes") else ""))
+    if summary.get("widened"):  # GGUF
+        print(f"  widened to F16: {', '.join(summary['widened'])}")
+    from hf_compress.exporters.fitting import report_table
+
+    for key in ("written", "vllm"):
+        if key in summary:
+            report = summary[key]["report"] if key == "vllm" else summary[key]
+            print(report_table(report))
     return summary
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hf_compress.exporters import is_tied
 from hf_compress.exporters.gguf_blocks import block_type, encode
 from hf_compress.formats.linear import PackedLinear
 
@@ -95,7 +96,7 @@ def write_gguf(model: nn.Module, path: Path, tokenizer=None, widen: bool = False
     writer.add_vocab_size(cfg.vocab_size)
     if tokenizer is not None:
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-    tied = _is_tied(model)
+    tied = is_tied(model)
     for name, module in _modules(model).items():
         if name == "lm_head" and tied:
             continue
@@ -135,11 +136,6 @@ def _rope_theta(cfg) -> float:
     return params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
 
 
-def _is_tied(model) -> bool:
-    head, table = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and table is not None and head.weight is getattr(table, "weight", None)
-
-
 def tokenizer_is_bpe(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and json.loads(backend.to_str()).get("model", {}).get("type") == "BPE"
@@ -175,3 +171,18 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_bos_token(False)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def plan(model: nn.Module, widen: bool = False, servable: str = "refuse") -> dict[str, str]:
+    """Export-time check (``servable`` is compressed-tensors' and does not apply here)."""
+    if getattr(model.config, "model_type", None) not in SUPPORTED:
+        raise ValueError(f"GGUF export supports {SUPPORTED} models, not {getattr(model.config, 'model_type', type(model).__name__)!r}")
+    return plan_check(model, widen)
+
+
+def write(model: nn.Module, folder: Path, bad: dict[str, str], tokenizer=None, dtype=None) -> dict:
+    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+    report = write_gguf(model, folder / f"{name}.gguf", tokenizer=tokenizer, widen=bool(bad))
+    return {"file": report.path.name, "types": report.types, "widened": report.widened,
+            "extra_bytes": report.widened_extra_bytes, "tokenizer": tokenizer is not None,
+            "readers": ["transformers GGUF loader (from_pretrained(dir, gguf_file=...))", "gguf package reader"]}

@@ -70,3 +70,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     shifts = torch.arange(run, dtype=torch.int64, device=packed.device) * bits
     codes = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n_codes].to(torch.uint8)
+
+
+def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[R, C]`` as int32 words ``[R, ceil(C·bits/32)]``: each row its own little-endian bitstream (code ``j``
+    at bit ``j·bits``), zero-padded to a whole word — the dense int32 packing serving formats use."""
+    rows, cols = codes.shape
+    words = -(-cols * bits // 32)
+    pad = (-cols) % 32  # 32 codes fill exactly `bits` words, so every row starts on a word boundary
+    padded = torch.cat([codes.to(torch.int32), codes.new_zeros(rows, pad, dtype=torch.int32)], dim=1) if pad else codes
+    stream = pack_codes(padded, bits)  # rows · (cols + pad) · bits / 8 bytes, a multiple of 4 per row
+    return stream.view(torch.int32).view(rows, -1)[:, :words].contiguous()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hf_compress.allocation.budgets import equal_loss_bits
+from hf_compress.allocation.fused import fused_groups
 from hf_compress.config import HfcConfig
 from hf_compress.solvers.dispatch import run_solver
 from hf_compress.formats.columns import mixed_spec
@@ -38,18 +39,22 @@ class BAQConfig(HfcConfig):
         theta: the closed form's divisor, ``b_j = R̄ + log2(L_j/geomean L)/theta`` (2 is exact reverse
             water-filling; the released code hard-codes 1.95).
         profile: a saved :class:`SensitivityProfile` with column losses (skips pass 1).
+        fused_groups: allocate projections servers fuse (q/k/v, gate/up; ``allocation.fused``) as one item, so
+            they share one width (``"module"``) or one column assignment (``"column"``). With ``granularity="module"``
+            and servable widths this gives a mixed plan vLLM can serve.
         group_size, sym, damp, block_size, act_order, clip_grid: the GPTQ grid and solver options.
     """
 
     quant_method = "hfc_baq"
     method_keys = ("target_bits", "granularity", "min_bits", "max_bits", "theta", "profile", "damp", "block_size",
-                   "act_order", "clip_grid")
+                   "act_order", "clip_grid", "fused_groups")
     needs_calibration = True
     derived_keys = ("bits",)  # = max_bits
 
     def __init__(self, target_bits: float = 3.0, granularity: str = "column", min_bits: int = 1, max_bits: int = 8,
                  theta: float = 1.95, profile: str | None = None, group_size: int = 128, sym: bool = False,
-                 damp: float = 0.01, block_size: int = 128, act_order: bool = True, clip_grid: int = 20, **kwargs):
+                 damp: float = 0.01, block_size: int = 128, act_order: bool = True, clip_grid: int = 20,
+                 fused_groups: bool = False, **kwargs):
         kwargs.pop("bits", None)  # derived; present when a saved config is read back
         if granularity not in ("column", "module"):
             raise ValueError(f"granularity must be 'column' or 'module', got {granularity!r}")
@@ -62,7 +67,8 @@ class BAQConfig(HfcConfig):
             raise ValueError(f"theta must be positive, got {theta}")
         super().__init__(bits=max_bits, group_size=group_size, sym=sym, target_bits=target_bits,
                          granularity=granularity, min_bits=min_bits, max_bits=max_bits, theta=theta, profile=profile,
-                         damp=damp, block_size=block_size, act_order=act_order, clip_grid=clip_grid, **kwargs)
+                         damp=damp, block_size=block_size, act_order=act_order, clip_grid=clip_grid,
+                         fused_groups=bool(fused_groups), **kwargs)
         self._col_bits: dict[str, torch.Tensor] = {}
 
     @property
@@ -75,17 +81,21 @@ class BAQConfig(HfcConfig):
         prof = profile_for(self, model, batches, self.reference_bits)
         names = self.planned_module_names(model)
         slope = 1 / self.theta
+        # items of the allocation: fused sets share one decision (a fused matrix is one module to a server)
+        items = fused_groups(names) if self.fused_groups else [[n] for n in names]
         if self.granularity == "module":
-            losses = torch.tensor([prof.modules[n]["gptq_loss"] for n in names], dtype=torch.float64)
-            counts = torch.tensor([math.prod(prof.modules[n]["shape"]) for n in names], dtype=torch.float64)
+            losses = torch.tensor([sum(prof.modules[n]["gptq_loss"] for n in item) for item in items], dtype=torch.float64)
+            counts = torch.tensor([sum(math.prod(prof.modules[n]["shape"]) for n in item) for item in items],
+                                  dtype=torch.float64)
             bits = equal_loss_bits(losses / counts, counts, self.target_bits, self.min_bits, self.max_bits, slope)
-            return {n: QuantSpec(int(b), self.group_size, self.sym) for n, b in zip(names, bits.tolist())}
+            return {n: QuantSpec(int(b), self.group_size, self.sym) for item, b in zip(items, bits.tolist()) for n in item}
         plan = {}
-        for n in names:
-            losses = prof.module_vector(n, "column_loss")
+        for item in items:  # members of a fused set read the same inputs: one column assignment for the set
+            losses = sum(prof.module_vector(n, "column_loss") for n in item)
             col_bits = equal_loss_bits(losses, torch.ones_like(losses), self.target_bits, self.min_bits, self.max_bits, slope)
-            self._col_bits[n] = col_bits.to(torch.uint8)
-            plan[n] = mixed_spec(col_bits, self.group_size, self.sym)
+            for n in item:
+                self._col_bits[n] = col_bits.to(torch.uint8)
+                plan[n] = mixed_spec(col_bits, self.group_size, self.sym)
         return plan
 
     def solve(self, weight, stats, spec, name=None):

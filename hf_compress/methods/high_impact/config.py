@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_compress.allocation.budgets import choose_options
+from hf_compress.allocation.fused import fused_groups
 from hf_compress.sensitivity.profiling import fisher_diagonals, profile_for
 from hf_compress.calibration.discovery import weight_matrix
 from hf_compress.config import HfcConfig
@@ -51,11 +52,13 @@ class HighImpactConfig(HfcConfig):
         fisher_samples: calibration windows for the Fisher diagonal (ignored with a saved ``profile``).
         profile: a saved :class:`SensitivityProfile` holding per-column Fisher sums.
         solver: ``"gptq"`` or ``"rtn"`` on the chosen grid.
+        fused_groups: choose one share and one channel set per fused set (q/k/v, gate/up; ``allocation.fused``),
+            from the set's summed Fisher mass, so fused members share one scheme.
     """
 
     quant_method = "hfc_high_impact"
     method_keys = ("target_bits", "low_bits", "high_bits", "ratios", "fisher_samples", "profile", "solver", "damp",
-                   "block_size", "act_order", "clip_grid", "module_ratios")
+                   "block_size", "act_order", "clip_grid", "module_ratios", "fused_groups")
     needs_calibration = True  # the Fisher diagonal needs data, with either solver
 
     derived_keys = ("bits", "module_ratios")  # bits = high_bits
@@ -63,7 +66,7 @@ class HighImpactConfig(HfcConfig):
     def __init__(self, target_bits: float = 2.1, low_bits: int = 2, high_bits: int = 3, ratios: tuple = PAPER_RATIOS,
                  fisher_samples: int = 8, profile: str | None = None, solver: str = "gptq", group_size: int = 128,
                  sym: bool = False, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                 clip_grid: int = 20, module_ratios=None, **kwargs):
+                 clip_grid: int = 20, module_ratios=None, fused_groups: bool = False, **kwargs):
         kwargs.pop("bits", None)
         QuantSpec(low_bits), QuantSpec(high_bits)
         if low_bits >= high_bits:
@@ -82,7 +85,7 @@ class HighImpactConfig(HfcConfig):
         super().__init__(bits=high_bits, group_size=group_size, sym=sym, target_bits=target_bits, low_bits=low_bits,
                          high_bits=high_bits, ratios=list(ratios), fisher_samples=fisher_samples, profile=profile,
                          solver=solver, damp=damp, block_size=block_size, act_order=act_order, clip_grid=clip_grid,
-                         module_ratios=module_ratios, **kwargs)
+                         module_ratios=module_ratios, fused_groups=bool(fused_groups), **kwargs)
         self._col_bits: dict[str, torch.Tensor] = {}
 
     @property
@@ -98,13 +101,15 @@ class HighImpactConfig(HfcConfig):
         fisher = fisher_diagonals(model, batches, names, self.fisher_samples, progress=True)
         return {n: f.sum(0).double() for n, f in fisher.items()}
 
-    def option_costs(self, W: torch.Tensor, column_fisher: torch.Tensor):
-        """Per candidate ratio: (Fisher loss increase ½ Σ F Δ², code bits, col_bits) of rounding ``W``."""
+    def option_costs(self, W: torch.Tensor, column_fisher: torch.Tensor, select_by: torch.Tensor | None = None):
+        """Per candidate ratio: (Fisher loss increase ½ Σ F Δ², code bits, col_bits) of rounding ``W``; the
+        high-impact columns are picked by ``select_by`` (a fused set's summed Fisher) when given."""
         rows = W.shape[0]
         weight = (column_fisher.float() / rows).clamp(min=0)  # F_ij ≈ column sum spread evenly over rows
+        select_by = column_fisher if select_by is None else select_by
         out = []
         for ratio in self.ratios:
-            col_bits = high_impact_columns(column_fisher, ratio, self.low_bits, self.high_bits)
+            col_bits = high_impact_columns(select_by, ratio, self.low_bits, self.high_bits)
             spec = mixed_spec(col_bits, self.group_size, self.sym)
             grid = fit_column_grid(W, spec, col_bits if spec.is_mixed else None, weight, self.clip_grid)
             delta = W.float() - grid.dequantize(grid.quantize(W))
@@ -116,27 +121,36 @@ class HighImpactConfig(HfcConfig):
             return super().resolve_plan(model, batches)
         names = self.planned_module_names(model)
         fisher = self._column_fisher(model, batches, names)
+        items = fused_groups(names) if self.fused_groups else [[n] for n in names]
         options, total = {}, 0
-        for n in tqdm(names, desc="High-impact options", disable=len(names) < 50):
-            W = weight_matrix(model.get_submodule(n)).detach()
-            if fisher[n].numel() != W.shape[1]:
-                raise ValueError(f"{n}: Fisher vector has {fisher[n].numel()} columns, the weight {W.shape[1]}")
-            options[n] = self.option_costs(W, fisher[n])
-            total += W.numel()
-        costs = torch.tensor([[c for c, _, _ in options[n]] for n in names])
-        prices = torch.tensor([[p for _, p, _ in options[n]] for n in names])
+        for item in tqdm(items, desc="High-impact options", disable=len(items) < 50):
+            shared = sum(fisher[n] for n in item)  # fused members read the same inputs: one channel set
+            per_member = []
+            for n in item:
+                W = weight_matrix(model.get_submodule(n)).detach()
+                if fisher[n].numel() != W.shape[1]:
+                    raise ValueError(f"{n}: Fisher vector has {fisher[n].numel()} columns, the weight {W.shape[1]}")
+                per_member.append(self.option_costs(W, fisher[n], shared))
+                total += W.numel()
+            # an item's option k: the members' costs and prices added, one column assignment
+            options[item[0]] = [(sum(m[k][0] for m in per_member), sum(m[k][1] for m in per_member), per_member[0][k][2])
+                                for k in range(len(self.ratios))]
+        keys = [item[0] for item in items]
+        costs = torch.tensor([[c for c, _, _ in options[n]] for n in keys])
+        prices = torch.tensor([[p for _, p, _ in options[n]] for n in keys])
         try:
             choice = choose_options(costs, prices, self.target_bits * total)
         except ValueError as exc:
             raise ValueError(f"target_bits {self.target_bits} cannot be met by these layers: {exc}") from None
         plan, self.module_ratios = {}, {}
-        for n, k in zip(names, choice.tolist()):
-            col_bits = options[n][k][2]
+        for item, k in zip(items, choice.tolist()):
+            col_bits = options[item[0]][k][2]
             spec = mixed_spec(col_bits, self.group_size, self.sym)
-            if spec.is_mixed:
-                self._col_bits[n] = col_bits
-            plan[n] = spec
-            self.module_ratios[n] = self.ratios[k]
+            for n in item:
+                if spec.is_mixed:
+                    self._col_bits[n] = col_bits
+                plan[n] = spec
+                self.module_ratios[n] = self.ratios[k]
         return plan
 
     def solve(self, weight, stats, spec, name=None):

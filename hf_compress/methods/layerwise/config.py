@@ -29,18 +29,20 @@ class LayerwiseQuantConfig(HfcConfig):
         target_bits: the average width over layers (exactly one of the two).
         solver: ``"gptq"`` or ``"rtn"`` for every module.
         profile: a saved :class:`SensitivityProfile` (folder or file) to rank by instead of measuring.
+        fused_groups: accepted for symmetry with the other planners; a width per decoder layer already gives fused
+            projections (q/k/v, gate/up) one scheme, so the plan is unchanged.
     """
 
     quant_method = "hfc_layerwise"
     method_keys = ("score", "high_bits", "low_bits", "low_fraction", "target_bits", "solver", "profile",
-                   "damp", "block_size", "act_order", "clip_grid", "layer_bits")
+                   "damp", "block_size", "act_order", "clip_grid", "layer_bits", "fused_groups")
 
     derived_keys = ("bits", "layer_bits")  # bits = high_bits
 
     def __init__(self, score: str = "lim", high_bits: int = 4, low_bits: int = 2, low_fraction: float | None = None,
                  target_bits: float | None = None, solver: str = "gptq", profile: str | None = None,
                  group_size: int = 128, sym: bool = False, damp: float = 0.01, block_size: int = 128,
-                 act_order: bool = True, clip_grid: int = 20, layer_bits=None, **kwargs):
+                 act_order: bool = True, clip_grid: int = 20, layer_bits=None, fused_groups: bool = False, **kwargs):
         kwargs.pop("bits", None)  # derived (= high_bits); present when a saved config is read back
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -58,7 +60,7 @@ class LayerwiseQuantConfig(HfcConfig):
         super().__init__(bits=high_bits, group_size=group_size, sym=sym, score=score, high_bits=high_bits,
                          low_bits=low_bits, low_fraction=low_fraction, target_bits=target_bits, solver=solver,
                          profile=profile, damp=damp, block_size=block_size, act_order=act_order, clip_grid=clip_grid,
-                         layer_bits=layer_bits, **kwargs)
+                         layer_bits=layer_bits, fused_groups=bool(fused_groups), **kwargs)
 
     @property
     def needs_calibration(self) -> bool:
