@@ -108,8 +108,14 @@ def main() -> None:
         ours_mb = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
         for fmt in formats:
             t = time.perf_counter()
-            path = hf_compress.export(ours, out_root / f"{row.replace(' ', '_')}-{fmt}", format=fmt, tokenizer=tok,
-                                      widen=True, servable="widen")
+            try:
+                path = hf_compress.export(ours, out_root / f"{row.replace(' ', '_')}-{fmt}", format=fmt, tokenizer=tok,
+                                          widen=True, servable="widen")
+            except ValueError as exc:  # the format holds nothing of this plan: a row saying so
+                lines.append(f"| {row} | {fmt} | refused: {str(exc).split(';')[0]} | — | {ours_mb:.1f} | — | — | — | "
+                             f"{ppl_ours:.3f} | — |")
+                print(lines[-1], flush=True)
+                continue
             seconds = time.perf_counter() - t
             export_dir = path.parent if fmt == "gguf" else path
             report = json.loads((export_dir / "hf_compress_export.json").read_text())

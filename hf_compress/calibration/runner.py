@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from hf_compress.formats.linear import dequantization_cache, drop_dense_copies
 from hf_compress.calibration.discovery import decoder_layers, quantizable_modules, set_submodule
+from hf_compress.calibration.distributed import combine_hessian
 
 
 class _StopForward(Exception):
@@ -153,6 +154,8 @@ def collect_stats(block, modules: dict[str, nn.Module], inputs, prefix: str, wei
     finally:
         for h in handles:
             h.remove()
+    for st in stats.values():  # across processes (calibration.distributed): the one-process statistics
+        st.hessian, st.tokens = combine_hessian(st.hessian, st.tokens)
     return stats
 
 
@@ -164,6 +167,7 @@ def run_sequential(
     progress: bool = True,
     on_block: Callable[[int, list, list], None] | None = None,
     token_weights: Callable[[nn.Module, list], list[torch.Tensor]] | None = None,
+    state=None,
 ) -> None:
     """Calibrate and solve ``model`` block by block.
 
@@ -176,24 +180,32 @@ def run_sequential(
             leaving it (e.g. for block-level sensitivity such as LIM).
         token_weights: ``(block, inputs) -> [tokens] weights per sample``, computed once per block on its
             (already partially quantized) inputs and applied to every module's Hessian (RSQ's token importance).
+        state: a :class:`~hf_compress.calibration.resume.ResumeState`: finished blocks are restored from it and
+            every block finished here is recorded in it.
     """
     if batches.numel() == 0:
         raise ValueError("calibration set is empty: no token windows")
     with dequantization_cache():
-        _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights)
+        _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights, state)
 
 
-def _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights=None):
+def _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights=None, state=None):
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, layers, batches)
+    start = 0
+    restored = None if state is None else state.restore(layers, prefix)
+    if restored is not None:  # blocks up to state.done are packed again; continue with the hidden states they gave
+        inputs = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs, restored)]
+        start = state.done + 1
     with_targets = [i for i, block in enumerate(layers)
                     if any(is_target(f"{prefix}.{i}.{rel}", m) for rel, m in quantizable_modules(block))]
     last = with_targets[-1] if with_targets else -1  # blocks after the last target need no activations
-    bar = tqdm(total=last + 1, desc="Calibrating blocks", unit="block", disable=not progress)
+    bar = tqdm(total=last + 1, initial=min(start, last + 1), desc="Calibrating blocks", unit="block", disable=not progress)
     try:
-        for idx, block in enumerate(layers[: last + 1]):
+        for idx in range(start, last + 1):
+            block = layers[idx]
             block_name = f"{prefix}.{idx}"
             weights = None if token_weights is None else token_weights(block, inputs)
             for rel in _solve_block(block, block_name, inputs, is_target, solve, weights):
@@ -209,6 +221,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
                     on_block(idx, [a[0] if a else k["hidden_states"] for a, k in inputs], outputs)
                 inputs = new_inputs
             drop_dense_copies(block)  # this block is done: keep only its packed codes
+            if state is not None:
+                state.save(idx, block, block_name, outputs)
             bar.update(1)
     finally:
         bar.close()

@@ -49,7 +49,11 @@ def _build_run(sub):
 
 
 def _build_quantize(sub):
-    _add_quant_args(add_model_command(sub, "quantize", help=HELP["quantize"], out_help="folder for the quantized checkpoint"))
+    p = add_model_command(sub, "quantize", help=HELP["quantize"], out_help="folder for the quantized checkpoint")
+    _add_quant_args(p)
+    p.add_argument("--resume-dir", default=None,
+                   help="keep the run's state here after every calibrated block; rerunning the same command after a "
+                        "crash continues from the last finished block (removed on success)")
 
 
 def _build_eval(sub):
@@ -171,7 +175,7 @@ def _quantize(model, tokenizer, args):
     config = config_from_args(args)
     calibration = args.dataset or default_text_source("validation") if config.needs_calibration else None
     t = time.perf_counter()
-    quantize(model, config, calibration=calibration, tokenizer=tokenizer)
+    quantize(model, config, calibration=calibration, tokenizer=tokenizer, resume_dir=getattr(args, "resume_dir", None))
     return config, time.perf_counter() - t
 
 

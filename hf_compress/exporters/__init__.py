@@ -50,6 +50,11 @@ def export(model_or_dir, out_dir, format: str = "gguf", tokenizer=None, widen: b
     from hf_compress.checkpoint.atomic import atomic_directory, check_save_target
     from hf_compress.exporters.card import write_export_card
 
+    if dtype == "bfloat16" and format == "compressed-tensors":
+        import warnings
+
+        warnings.warn("dtype='bfloat16' rounds the fp16 scales to bfloat16: the exported weights are then close to, "
+                      "not equal to, the checkpoint's (float16 keeps them exact)", stacklevel=2)
     model, tokenizer, source_results = _load(model_or_dir, tokenizer)
     out_dir = Path(out_dir)
     overwrite = overwrite or (out_dir / REPORT).is_file()  # our own previous export: replaced

@@ -31,6 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 from hf_compress.calibration.data import calibration_batches, is_pretokenized
 from hf_compress.calibration.discovery import (decoder_layers, max_positions, model_family, set_submodule,
                                                unsupported_weight_modules, weight_matrix)
+from hf_compress.calibration.distributed import same_everywhere, shard
 from hf_compress.calibration.runner import run_sequential
 from hf_compress.checkpoint.rebuild import build_packed_modules, check_mixed_segments
 from hf_compress.checkpoint.verify import check_packed_tensors, verify_checkpoint_files
@@ -76,7 +77,8 @@ def _packed_embedding(name: str, module: nn.Embedding, spec, report: dict) -> Pa
     return packed.to(W.device)
 
 
-def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=None, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=None, progress: bool = True,
+             resume_dir=None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     Args:
@@ -85,6 +87,8 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         calibration: calibration source or :class:`CalibrationSpec`; defaults to ``config.dataset``.
             Ignored by methods that need no data.
         tokenizer: tokenizer for the calibration text (default: loaded from ``model.name_or_path``).
+        resume_dir: a folder for the run's state after every calibrated block; a run killed part-way restarts
+            there from the last finished block (same config, model and data, else ValueError). Removed on success.
     """
     if not isinstance(config, HfcConfig):
         raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
@@ -99,16 +103,24 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
             raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
         if tokenizer is None and not is_pretokenized(spec.source):
             tokenizer = _tokenizer_for(model, config)
-        batches = calibration_batches(spec, tokenizer)
+        batches = shard(calibration_batches(spec, tokenizer))  # this process's windows (all, in one process)
         check_calibration_fits(model, batches)
     token_weights = config.token_weights()  # validated before the model is touched
     config.prepare_model(model)
     plan = config.resolve_plan(model, batches)
+    # across processes: rank 0's plan and planner state (e.g. per-column assignments) everywhere
+    plan, planner_state = same_everywhere((plan, dict(vars(config))))
+    vars(config).update(planner_state)
     _, layers = decoder_layers(model)
     skipped = unsupported_weight_modules(layers)
     if skipped:
         logger.warning("hf-compress: %d modules have weights no solver handles and stay dense: %s", len(skipped), skipped)
-    report: dict[str, dict] = {}
+    state = None
+    if resume_dir is not None and config.solver_needs_statistics:
+        from hf_compress.calibration.resume import ResumeState
+
+        state = ResumeState(resume_dir, config.to_dict(), model, batches)
+    report: dict[str, dict] = {} if state is None else state.report
 
     def solve(name, module, stats):
         return _packed_from(name, module, config, plan, stats, report)
@@ -121,7 +133,8 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
                           "head_bits too to pack both", stacklevel=2)
         _untie_head(model)
     if config.solver_needs_statistics:
-        run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights)
+        run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights,
+                       state=state)
         for name in [n for n in plan if n in (head, table)]:  # outside the blocks: no calibrated statistics reach them
             set_submodule(model, name, _packed_from(name, model.get_submodule(name), config, plan, None, report,
                                                     weight_only=True))
@@ -138,6 +151,8 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     config.report = {"seconds": round(time.perf_counter() - start, 2), "code_bits": round(code_bits, 4),
                      "bits_per_weight": round(bits, 4), "skipped": skipped, "modules": report}
     attach_quantizer(model, config)
+    if state is not None:
+        state.finish()
     return model
 
 
