@@ -10,6 +10,11 @@ g64 (the kernels do not care which solver chose the codes) with fp16 dense parts
    prefill tokens/s (512 tokens); achieved GB/s of the decode step (bytes of the stored weights read per
    token / time per token) against the device's peak memory bandwidth (``--peak-gbs``, else from the device
    name when known).
+3. Crossover: fused Triton kernel vs dequantize + cuBLAS per call, on SmolLM2's three Linear shapes, for a range
+   of rows (``triton.testing.do_bench`` medians): where the dispatch's ``CUDA_FUSED_MAX_ROWS`` should lie.
+``--random-weights CONFIG_DIR`` builds the model from a config (and tokenizer) folder with seeded random weights,
+for a GPU machine the 100 MB model file cannot reach: kernels and speed do not depend on the weight values, only
+the correctness column's reference does, and it is computed from the same codes.
 Writes "## GPU kernels" into benchmarks/RESULTS.md. Refuses to run without CUDA (a CPU number is no GPU number).
 """
 
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None)
     parser.add_argument("--peak-gbs", type=float, default=None)
+    parser.add_argument("--random-weights", default=None, metavar="CONFIG_DIR")
     args = parser.parse_args()
 
     import torch
@@ -54,7 +60,14 @@ def main() -> None:
     rows = {"dense fp16": None, "RTN 4-bit": 4, "RTN 3-bit": 3, "RTN 2-bit": 2}
     models, worst = {}, {}
     for row, bits in rows.items():
-        model, tok = hf_compress.load_model(args.model)
+        if args.random_weights:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights))
+            tok = AutoTokenizer.from_pretrained(args.random_weights)
+        else:
+            model, tok = hf_compress.load_model(args.model)
         if bits is not None:
             hf_compress.quantize(model, hf_compress.RTNConfig(bits=bits, group_size=64, dense_dtype="float16"),
                                  progress=False)
@@ -95,10 +108,13 @@ def main() -> None:
                 model(long_ids, use_cache=False)
                 torch.cuda.synchronize()
                 samples[row]["prefill"].append(512 / (time.perf_counter() - t))
-    lines = [TITLE, "", f"Command: `bash benchmarks/gpu_kernels.sh` · device: {name} · torch {torch.__version__}, "
+    crossover = crossover_table(models["RTN 4-bit"], triton, packed_matmul_triton, dequantize)
+    weights = (f"seeded random weights in SmolLM2-135M-Instruct's shapes (`--random-weights {args.random_weights}`)"
+               if args.random_weights else "SmolLM2-135M-Instruct")
+    lines = [TITLE, "", f"Command: `bash benchmarks/gpu_kernels.sh{' --random-weights DIR' if args.random_weights else ''}` · device: {name} · torch {torch.__version__}, "
              f"triton {triton.__version__}, transformers {transformers.__version__}, Python "
              f"{platform.python_version()} · date: {datetime.date.today().isoformat()}", "",
-             f"SmolLM2-135M-Instruct, fp16 dense parts, RTN g64; {args.repeats} interleaved repeats, medians. GB/s: "
+             f"{weights}, fp16 dense parts, RTN g64; {args.repeats} interleaved repeats, medians. GB/s: "
              "stored model bytes read per decoded token / seconds per token" + (f", peak {peak} GB/s" if peak else ""), "",
              "| model | max rel. error vs reference | decode tok/s | prefill tok/s | decode GB/s | % of peak |",
              "|---|---|---|---|---|---|"]
@@ -109,9 +125,34 @@ def main() -> None:
         lines.append(f"| {row} | {worst.get(row, 0.0):.2g} | {dec:.1f} | {pre:.0f} | {gbs:.1f} | "
                      f"{100 * gbs / peak:.1f}% |" if peak else f"| {row} | {worst.get(row, 0.0):.2g} | {dec:.1f} | "
                      f"{pre:.0f} | {gbs:.1f} | unknown |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + [""] + crossover) + "\n"
     print(text)
     write_section(TITLE, text)
+
+
+def crossover_table(model, triton, fused, dequantize) -> list[str]:
+    """Per-call time of the fused kernel vs dequantize + cuBLAS for each Linear shape of the model and rows M."""
+    import torch
+
+    import hf_compress
+
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, hf_compress.PackedLinear) and not isinstance(module, hf_compress.PackedEmbedding):
+            shapes.setdefault((module.in_features, module.out_features), module)
+    rows = (1, 4, 16, 32, 64, 128, 256, 512)
+    lines = ["Fused Triton dequantize-matmul vs dequantize + cuBLAS, 4-bit g64, fp16, µs per call (do_bench median):", "",
+             "| shape in→out | " + " | ".join(f"M={m} fused / deq+mm" for m in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for (k, n), module in shapes.items():
+        cells = []
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_fused = triton.testing.do_bench(lambda: fused(module, x), return_mode="median") * 1e3
+            t_deq = triton.testing.do_bench(lambda: x @ dequantize(module, torch.float16).T, return_mode="median") * 1e3
+            cells.append(f"{t_fused:.1f} / {t_deq:.1f}")
+        lines.append(f"| {k}→{n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

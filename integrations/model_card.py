@@ -10,7 +10,6 @@ helpers below.
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from hf_compress.checkpoint.artifacts import Artifact, inspect_checkpoint
 from hf_compress.integrations.card_inputs import read_card_inputs
+from hf_compress.integrations.card_templates import template_text
 from hf_compress.registry import method_for_artifact, method_for_quant_method, resolve
 
 PLOT_FILE = "hf_compress_plan.png"
@@ -101,7 +101,7 @@ def _assemble(artifact, repo_id, base_model, results, template, fields, image) -
         tags=["hf-compress", artifact.kind.replace("_", "-"), *fields.pop("tags", [])],
         model_name=model_name if evals else None, eval_results=evals or None,
     )
-    text = _template_text(template)
+    text = template_text(template)
     card = ModelCard.from_template(
         data, template_str=text, model_name=model_name, repo_id=repo_id, base_model=base_model,
         weight_size=format_bytes(artifact.weight_bytes), plot_file=PLOT_FILE, results=_results_text(results), **fields,
@@ -179,13 +179,3 @@ def _quantized(artifact: Artifact, model) -> tuple[str, dict, bytes]:
             "quantized_weights": f"{size.quantized_weights:,}", "dense_params": f"{size.dense_params:,}",
             "fp16_size": format_bytes(size.fp16_bytes), "size_split": size.split(),
             "tags": [quant["quant_method"].removeprefix("hfc_").replace("_", "-"), *[f"{b}-bit" for b in widths]]}, buf.getvalue()
-
-
-def _template_text(template: str) -> str:
-    """Read ``model_cards/<template>.md`` by file path: ``hf_compress.model_cards`` is a folder of package data
-    (no ``__init__``), which ``importlib.resources`` cannot open in a source checkout."""
-    for folder in importlib.import_module("hf_compress.model_cards").__path__:
-        path = Path(folder) / f"{template}.md"
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"hf-compress is missing its model-card template {template}.md")

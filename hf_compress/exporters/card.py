@@ -75,7 +75,7 @@ def export_card(summary: dict, repo_id: str | None = None, base_model: str | Non
                 results: list[dict] | None = None, tags: list[str] | None = None):
     from huggingface_hub import ModelCard, ModelCardData
 
-    from hf_compress.integrations.model_card import _template_text
+    from hf_compress.integrations.card_templates import template_text
 
     fmt = summary["format"]
     name, runtimes, tag = FORMAT_FACTS[fmt]
@@ -86,7 +86,7 @@ def export_card(summary: dict, repo_id: str | None = None, base_model: str | Non
     if results:
         summary = {**summary, "results": [*summary.get("results", []), *results]}
     return ModelCard.from_template(
-        data, template_str=_template_text("export"), model_name=repo_id.split("/")[-1], base_model=base_model,
+        data, template_str=template_text("export"), model_name=repo_id.split("/")[-1], base_model=base_model,
         source_method=source.get("quant_method", "dense"), source_bpw=source.get("bits_per_weight"), format_name=name,
         runtimes=runtimes, usage=_usage(fmt, repo_id, summary), written=_written(summary),
         servability=_servability(summary), readers="; ".join(summary.get("readers", [])), results=_results(summary))
@@ -99,6 +99,6 @@ def write_export_card(folder, summary: dict, repo_id: str | None = None) -> Path
 
 
 def read_export_report(folder) -> dict:
-    from hf_compress.exporters import REPORT
+    from hf_compress.checkpoint.artifacts import EXPORT_REPORT
 
-    return json.loads((Path(folder) / REPORT).read_text(encoding="utf-8"))
+    return json.loads((Path(folder) / EXPORT_REPORT).read_text(encoding="utf-8"))
