@@ -76,8 +76,10 @@ def fast_cpu_forward(module, x: torch.Tensor):
     return cached[3](x).to(x.dtype)
 
 
-# Rows up to which the fused Triton kernel serves a call on CUDA; above, dequantize + cuBLAS. Not measured yet
-# (no GPU in the sessions so far): benchmarks/gpu_kernels.sh measures both paths on a GPU.
+# Rows up to which the fused Triton kernel serves a call on CUDA; above, dequantize + cuBLAS. Measured once on an
+# H200 (benchmarks/RESULTS.md "GPU kernels"): both paths are launch-bound there (~30 µs a call at every M from 1 to
+# 512) and the fused kernel never won, so this value is unsupported either way; kept until a graph-captured decode
+# makes the kernels' own time visible.
 CUDA_FUSED_MAX_ROWS = 64
 
 
