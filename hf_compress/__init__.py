@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "quantize": "hf_compress.pipeline.quantize",
+    "quantize_streaming": "hf_compress.pipeline.streaming",
     "HfcConfig": "hf_compress.config",
     "RTNConfig": "hf_compress.methods.rtn.config",
     "GPTQConfig": "hf_compress.methods.gptq.config",

@@ -128,6 +128,13 @@ class HfcConfig(QuantizationConfigMixin):
         """Whether the per-module solver needs calibration Hessians (else modules are solved weight-only)."""
         return self.needs_calibration
 
+    @property
+    def plan_needs_whole_model(self) -> bool:
+        """Whether planning reads the model's weights or activations (a method's own ``resolve_plan``, e.g. from
+        sensitivity scores), so streaming, which holds one block at a time, cannot plan it. An explicit ``plan``
+        never does."""
+        return not self.plan and type(self).resolve_plan is not HfcConfig.resolve_plan
+
     def resolve_plan(self, model: nn.Module, batches=None) -> dict[str, QuantSpec]:
         """The plan to execute: the given ``plan`` (per-module specs, e.g. mixed bit widths) if set, else a
         uniform plan over every linear-like module inside the decoder blocks (embeddings and head stay dense)."""

@@ -107,9 +107,9 @@ def subprocess_env(**extra):
     return env
 
 
-FRESH_LOGITS = ("import sys, torch; from transformers import AutoModelForCausalLM;"
+FRESH_LOGITS = ("import sys, torch; from transformers import AutoModelForCausalLM; from safetensors.torch import save_file;"
                 "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
-                "torch.save(m(torch.tensor(eval(sys.argv[3]))).logits.detach(), sys.argv[2])")
+                "save_file({'logits': m(torch.tensor(eval(sys.argv[3]))).logits.detach()}, sys.argv[2])")
 
 
 def fresh_process_logits(checkpoint, ids, workdir):
@@ -119,8 +119,10 @@ def fresh_process_logits(checkpoint, ids, workdir):
 
     import torch
 
-    out = Path(workdir) / "fresh_logits.pt"
+    from safetensors.torch import load_file
+
+    out = Path(workdir) / "fresh_logits.safetensors"
     run = subprocess.run([sys.executable, "-c", FRESH_LOGITS, str(checkpoint), str(out), str(ids.tolist())],
                          cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return load_file(str(out))["logits"]

@@ -168,6 +168,7 @@ def run_sequential(
     on_block: Callable[[int, list, list], None] | None = None,
     token_weights: Callable[[nn.Module, list], list[torch.Tensor]] | None = None,
     state=None,
+    block_io=None,
 ) -> None:
     """Calibrate and solve ``model`` block by block.
 
@@ -182,14 +183,17 @@ def run_sequential(
             (already partially quantized) inputs and applied to every module's Hessian (RSQ's token importance).
         state: a :class:`~hf_compress.calibration.resume.ResumeState`: finished blocks are restored from it and
             every block finished here is recorded in it.
+        block_io: for streaming (``pipeline.streaming``): ``load(index, block)`` gives a block on the meta device
+            its weights just before it is calibrated, ``release(index, block)`` writes and frees it once finished.
     """
     if batches.numel() == 0:
         raise ValueError("calibration set is empty: no token windows")
     with dequantization_cache():
-        _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights, state)
+        _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights, state, block_io)
 
 
-def _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights=None, state=None):
+def _run_sequential(model, batches, is_target, solve, progress, on_block, token_weights=None, state=None,
+                    block_io=None):
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -207,6 +211,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
         for idx in range(start, last + 1):
             block = layers[idx]
             block_name = f"{prefix}.{idx}"
+            if block_io is not None:
+                block_io.load(idx, block)
             weights = None if token_weights is None else token_weights(block, inputs)
             for rel in _solve_block(block, block_name, inputs, is_target, solve, weights):
                 bar.set_postfix_str(rel)
@@ -223,6 +229,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
             drop_dense_copies(block)  # this block is done: keep only its packed codes
             if state is not None:
                 state.save(idx, block, block_name, outputs)
+            if block_io is not None:
+                block_io.release(idx, block)
             bar.update(1)
     finally:
         bar.close()

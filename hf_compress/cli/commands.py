@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from hf_compress.cli.common import MODEL_HELP, add_dtype_arg, add_model_command, check_out, load_model_arg
 from hf_compress.registry import methods, resolve
@@ -54,6 +55,9 @@ def _build_quantize(sub):
     p.add_argument("--resume-dir", default=None,
                    help="keep the run's state here after every calibrated block; rerunning the same command after a "
                         "crash continues from the last finished block (removed on success)")
+    p.add_argument("--stream", action="store_true",
+                   help="hold one decoder block in memory at a time (models larger than RAM): MODEL must be a folder "
+                        "or Hub id of safetensors; each block is written to OUT as it is finished")
 
 
 def _build_eval(sub):
@@ -221,6 +225,8 @@ def cmd_quantize(args) -> dict:
 
     check_out(args)
     out = args.out
+    if args.stream:
+        return _quantize_streamed(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
     config, seconds = _quantize(model, tokenizer, args)
     save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
@@ -229,6 +235,35 @@ def cmd_quantize(args) -> dict:
     print(f"saved {out}: {format_bytes(on_disk)} on disk = {size.split()}; fp16 model {format_bytes(size.fp16_bytes)}, "
           f"fp32 {format_bytes(size.fp32_bytes)}; {size.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
     return {"out": out, "checkpoint_bytes": on_disk, **size.to_dict()}
+
+
+def _quantize_streamed(args) -> dict:
+    import torch
+
+    from hf_compress.calibration.data import default_text_source
+    from hf_compress.cli.method_options import config_from_args
+    from hf_compress.models import DEFAULT_MODEL_NAME, default_model_dir
+    from hf_compress.pipeline.streaming import quantize_streaming
+    from hf_compress.report import checkpoint_bytes, format_bytes
+
+    if args.resume_dir:
+        raise ValueError("--stream and --resume-dir cannot be combined yet; drop one")
+    source = args.model
+    if source is None:
+        print(f"hf-compress: no MODEL given, streaming the default model {DEFAULT_MODEL_NAME} (cached safetensors copy)",
+              file=sys.stderr)
+        source = str(default_model_dir())
+    config = config_from_args(args)
+    calibration = args.dataset or default_text_source("validation") if config.needs_calibration else None
+    t = time.perf_counter()
+    quantize_streaming(source, config, args.out, calibration=calibration, overwrite=args.overwrite,
+                       dtype=getattr(torch, args.dtype))
+    seconds = time.perf_counter() - t
+    report = json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]["report"]
+    on_disk = checkpoint_bytes(args.out)
+    print(f"saved {args.out}: {format_bytes(on_disk)} on disk; {report['bits_per_weight']:.3f} bits/weight, "
+          f"{seconds:.1f} s (streamed, one block in memory at a time)")
+    return {"out": args.out, "checkpoint_bytes": on_disk, "bits_per_weight": report["bits_per_weight"]}
 
 
 def cmd_eval(args) -> dict:

@@ -78,7 +78,7 @@ def _packed_embedding(name: str, module: nn.Embedding, spec, report: dict) -> Pa
 
 
 def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=None, progress: bool = True,
-             resume_dir=None) -> nn.Module:
+             resume_dir=None, block_io=None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     Args:
@@ -89,6 +89,8 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         tokenizer: tokenizer for the calibration text (default: loaded from ``model.name_or_path``).
         resume_dir: a folder for the run's state after every calibrated block; a run killed part-way restarts
             there from the last finished block (same config, model and data, else ValueError). Removed on success.
+        block_io: set by :func:`hf_compress.quantize_streaming`: the decoder blocks are on the meta device and get
+            their weights one at a time (``load``), each written and freed once solved (``release``).
     """
     if not isinstance(config, HfcConfig):
         raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
@@ -106,7 +108,10 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         batches = shard(calibration_batches(spec, tokenizer))  # this process's windows (all, in one process)
         check_calibration_fits(model, batches)
     token_weights = config.token_weights()  # validated before the model is touched
-    config.prepare_model(model)
+    if block_io is not None:
+        _check_streamable(model, config, resume_dir)
+    else:
+        config.prepare_model(model)
     plan = config.resolve_plan(model, batches)
     # across processes: rank 0's plan and planner state (e.g. per-column assignments) everywhere
     plan, planner_state = same_everywhere((plan, dict(vars(config))))
@@ -134,10 +139,12 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         _untie_head(model)
     if config.solver_needs_statistics:
         run_sequential(model, batches, lambda name, _m: name in plan, solve, progress=progress, token_weights=token_weights,
-                       state=state)
+                       state=state, block_io=block_io)
         for name in [n for n in plan if n in (head, table)]:  # outside the blocks: no calibrated statistics reach them
             set_submodule(model, name, _packed_from(name, model.get_submodule(name), config, plan, None, report,
                                                     weight_only=True))
+    elif block_io is not None:
+        _solve_weight_only_by_block(model, plan, solve, block_io, progress)
     else:
         for name in tqdm(list(plan), desc="Quantizing modules", disable=not progress):
             set_submodule(model, name, solve(name, model.get_submodule(name), None))
@@ -154,6 +161,44 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     if state is not None:
         state.finish()
     return model
+
+
+def _check_streamable(model: nn.Module, config: HfcConfig, resume_dir) -> None:
+    """Streaming holds one block at a time: refuse what needs all of them at once, before any work is done."""
+    if resume_dir is not None:
+        raise ValueError("resume_dir and streaming cannot be combined yet: a streamed run writes its blocks into the "
+                         "checkpoint as it goes; rerun it from the start, or quantize in memory with resume_dir")
+    if config.plan_needs_whole_model:
+        raise ValueError(f"{type(config).__name__} plans from sensitivity scores of the whole model, which streaming "
+                         "never holds at once; quantize in memory, or pass an explicit `plan=` (e.g. one saved by an "
+                         "in-memory run) to stream it")
+    refusal = (f"{type(config).__name__}'s options transform the weights before planning (a rotation), which needs "
+               "the whole model in memory; quantize in memory instead")
+    before = {n: (id(t), t._version) for n, t in model.state_dict(keep_vars=True).items()}
+    try:
+        config.prepare_model(model)  # option groups that transform weights need every block at once
+    except (RuntimeError, NotImplementedError) as exc:  # it read values of the blocks, which are on the meta device
+        if "meta" not in str(exc):
+            raise
+        raise ValueError(refusal) from exc
+    after = {n: (id(t), t._version) for n, t in model.state_dict(keep_vars=True).items()}
+    if before != after:
+        raise ValueError(f"{refusal} (changed: {[n for n in after if before.get(n) != after[n]][:3]})")
+
+
+def _solve_weight_only_by_block(model: nn.Module, plan: dict, solve, block_io, progress: bool) -> None:
+    """Weight-only solving in block order, each block loaded, solved, written and freed in turn."""
+    prefix, layers = decoder_layers(model)
+    for idx, block in enumerate(tqdm(layers, desc="Quantizing blocks", unit="block", disable=not progress)):
+        names = [n for n in plan if n.startswith(f"{prefix}.{idx}.")]
+        if not names:
+            continue
+        block_io.load(idx, block)
+        for name in names:
+            set_submodule(model, name, solve(name, model.get_submodule(name), None))
+        block_io.release(idx, block)
+    for name in [n for n in plan if not n.startswith(f"{prefix}.")]:  # head / embeddings, held in memory
+        set_submodule(model, name, solve(name, model.get_submodule(name), None))
 
 
 def _is_tied(model: nn.Module) -> bool:
@@ -174,7 +219,8 @@ def _untie_head(model: nn.Module) -> None:
 
 
 def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> None:
-    """Everything outside the packed codes/scales in ``dtype`` (the checkpoint then loads in it)."""
+    """Everything outside the packed codes/scales in ``dtype`` (the checkpoint then loads in it); ``model`` may also
+    be one block (streaming casts each before writing it)."""
     for module in model.modules():
         packed = isinstance(module, PackedLinear)
         if isinstance(module, PackedEmbedding):
@@ -187,7 +233,8 @@ def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> None:
                 continue
             if buf is not None and buf.is_floating_point() and not (packed and name == "scales") and buf.dtype != dtype:
                 setattr(module, name, buf.to(dtype))
-    model.config.dtype = dtype
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
 
 
 def check_calibration_fits(model: nn.Module, batches: torch.Tensor) -> None:
