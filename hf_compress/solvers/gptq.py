@@ -24,6 +24,7 @@ import torch
 
 from hf_compress.formats.columns import fit_column_grid, mixed_spec
 from hf_compress.formats.grid import QuantSpec, group_params, quantize_column
+from hf_compress.solvers.refit import column_grid, refit_grid
 
 
 @dataclass
@@ -76,8 +77,12 @@ def gptq_quantize(
     static_groups: bool = True,
     clip_grid: int = 0,
     col_bits: torch.Tensor | None = None,
+    refit: int = 0,
 ) -> SolverResult:
-    """Quantize ``W [out, in]`` against Hessian ``H [in, in]``; returns codes in the original column order."""
+    """Quantize ``W [out, in]`` against Hessian ``H [in, in]``; returns codes in the original column order.
+
+    ``refit``: rounds of refitting scales and zero points to the chosen codes under the full Hessian
+    (``solvers.refit``); each round after the first re-runs GPTQ on the refitted grid first. 0: off."""
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight input dimension {W.shape[1]}")
     if not torch.isfinite(H).all():
@@ -105,41 +110,51 @@ def gptq_quantize(
         scales, zeros = grid.scales, grid.zeros
 
     perm = torch.argsort(importance, descending=True) if act_order else torch.arange(n)
-    W = W[:, perm]
+    Wp = W[:, perm]
     U = _inverse_cholesky(H[perm][:, perm], damp)
 
-    codes = torch.zeros_like(W, dtype=torch.uint8)
-    losses = torch.zeros(n)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // width
-            if not static and col % width == 0:
-                # Natural order: the group's grid is fit to its columns *after* earlier error feedback.
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]
-                s, z = group_params(ahead, QuantSpec(spec.bits, -1, spec.sym), importance[col : col + width], clip_grid)
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            d = U1[i, i]
-            if grid is not None:
-                q = grid.quantize(w.unsqueeze(1), slice(col, col + 1))
-                w_hat = grid.dequantize(q, slice(col, col + 1)).squeeze(1)
-                q = q.squeeze(1)
-            else:
-                q, w_hat = quantize_column(w, scales[:, g], zeros[:, g], spec.bits)
-            codes[:, i1 + i] = q.to(torch.uint8)
-            err = (w - w_hat) / d
-            losses[col] = float((err**2).sum() / 2)
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    def gptq_pass(grid, scales, zeros):
+        W = Wp.clone()
 
-    out_codes = torch.empty_like(codes)
-    out_codes[:, perm] = codes
+        codes = torch.zeros_like(W, dtype=torch.uint8)
+        losses = torch.zeros(n)
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            W1 = W[:, i1:i2].clone()
+            E1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                g = col // width
+                if grid is None and col % width == 0:
+                    # Natural order: the group's grid is fit to its columns *after* earlier error feedback.
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]
+                    s, z = group_params(ahead, QuantSpec(spec.bits, -1, spec.sym), importance[col : col + width], clip_grid)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                w = W1[:, i]
+                d = U1[i, i]
+                if grid is not None:
+                    q = grid.quantize(w.unsqueeze(1), slice(col, col + 1))
+                    w_hat = grid.dequantize(q, slice(col, col + 1)).squeeze(1)
+                    q = q.squeeze(1)
+                else:
+                    q, w_hat = quantize_column(w, scales[:, g], zeros[:, g], spec.bits)
+                codes[:, i1 + i] = q.to(torch.uint8)
+                err = (w - w_hat) / d
+                losses[col] = float((err**2).sum() / 2)
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                E1[:, i] = err
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        out_codes = torch.empty_like(codes)
+        out_codes[:, perm] = codes
+        return out_codes, losses
+
+    out_codes, losses = gptq_pass(grid, scales, zeros)
+    for r in range(refit):
+        if r:  # new codes on the refitted grid, then refit to them
+            out_codes, losses = gptq_pass(grid, scales, zeros)
+        scales, zeros = refit_grid(W0, H, out_codes, scales, zeros, spec, col_bits)
+        grid = column_grid(scales, zeros, spec, n, col_bits)
     if grid is not None:
         W_hat = grid.dequantize(out_codes)
     else:
