@@ -20,7 +20,10 @@ Why this is not just "toggle ``requires_grad``" (``../shared/notes/methods-archi
   that by default); a zero tensor would still receive weight decay and momentum.
 
 The layers of interval ``i = step // interval_steps`` come from an RNG seeded by ``(seed, i)`` alone, so every rank
-picks the same layers and a resumed run continues the same schedule without any saved state.
+picks the same layers and a resumed run continues the same schedule without any saved state. Under an initialised
+process group (``torchrun`` / ``accelerate launch``) the ranks first agree on rank 0's seed: ranks that sample with
+their own seeds would freeze different layers, and DDP neither hangs nor raises on that — it averages gradients that
+only some ranks computed and writes them into layers other ranks froze, so the replicas silently drift apart.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_compress.calibration.discovery import decoder_layers
 
-__all__ = ["LisaCallback", "LisaConfig", "LisaSchedule"]
+__all__ = ["LisaCallback", "LisaConfig", "LisaSchedule", "seed_agreed_across_ranks"]
 
 
 @dataclass
@@ -76,6 +79,8 @@ class LisaConfig:
                 raise ValueError(f"LISA {name} must be >= 1, got {value}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"LISA seed must be a non-negative int or None, got {self.seed!r}")
+        if self.seed is not None and self.seed >= 2**63:  # DDP ranks exchange it as an int64
+            raise ValueError(f"LISA seed must be below 2**63, got {self.seed}")
         if self.layers is not None and not isinstance(self.layers, str):
             raise TypeError(f"LISA layers must be a dotted attribute path such as 'model.layers', got {type(self.layers).__name__}")
 
@@ -115,7 +120,8 @@ class LisaSchedule:
         config: a :class:`LisaConfig`; keyword arguments build one instead.
     """
 
-    def __init__(self, model: nn.Module, config: LisaConfig | None = None, **kwargs):
+    def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, device: torch.device | str | None = None,
+                 **kwargs):
         if config is not None and kwargs:
             raise TypeError("pass either a LisaConfig or keyword arguments, not both")
         self.config = config if config is not None else LisaConfig(**kwargs)
@@ -129,10 +135,13 @@ class LisaSchedule:
         self.groups = self._group(model, layer_list)
         self.interval: int | None = None
         self.active_layers: list[int] = []
+        # a collective: every rank builds its schedule at the same point (on_train_begin, or before a custom loop)
+        self._seed = seed_agreed_across_ranks(self.config.seed or 0, _collective_device(model, device))
 
     @property
     def seed(self) -> int:
-        return self.config.seed or 0
+        """The sampling seed: the configured one, or rank 0's under an initialised process group."""
+        return self._seed
 
     def _group(self, model: nn.Module, layer_list: nn.ModuleList) -> _Groups:
         """Split the parameters into per-layer lists and E/H/norm, honouring the switches and tied weights."""
@@ -227,6 +236,43 @@ class LisaSchedule:
         self.interval, self.active_layers = None, []
 
 
+def _collective_device(model: nn.Module, device) -> torch.device:
+    """Where a tensor for a collective must live: ``device`` if given, else the model's (NCCL needs CUDA)."""
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+    if device.type == "cpu" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def seed_agreed_across_ranks(seed: int, device: torch.device | str = "cpu") -> int:
+    """Rank 0's ``seed`` on every rank of an initialised process group (``seed`` itself outside one).
+
+    Every DDP rank must train the same layers in every interval. A per-rank seed (``LisaCallback(seed=rank)``, or
+    ``TrainingArguments(seed=base + rank)`` with ``seed=None``) would make the ranks freeze different layers; DDP
+    (with ``find_unused_parameters=True``) neither hangs nor errors then: it averages gradients that only some
+    ranks computed and writes them into layers that other ranks froze, so the replicas silently diverge and the
+    optimizer state grows past E + H + γ layers. Differing seeds are therefore replaced by rank 0's, with a warning.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return seed
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"LISA seed must be in [0, 2**63) to be shared between ranks, got {seed}")
+    mine = torch.tensor([seed], dtype=torch.int64, device=device)
+    seeds = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(seeds, mine)
+    values = [int(s.item()) for s in seeds]
+    if len(set(values)) > 1 and dist.get_rank() == 0:
+        warnings.warn(f"LISA: the ranks were given different sampling seeds ({values}); every rank uses rank 0's "
+                      f"seed {values[0]}, so that all of them train the same layers (DDP needs identical layer "
+                      "sets; per-rank seeds would let the replicas drift apart)", stacklevel=3)
+    return values[0]
+
+
 def optimizer_state_numel(optimizer) -> int:
     """Number of values held in the optimizer's per-parameter state (Adam moments; scalar step counters included)."""
     opt = getattr(optimizer, "optimizer", optimizer)
@@ -293,7 +339,7 @@ class LisaCallback(TrainerCallback, ExportableState):
         if model is None or optimizer is None:
             raise ValueError("LisaCallback needs the Trainer's model and optimizer at on_train_begin")
         cfg = self.config if self.config.seed is not None else LisaConfig(**{**self.config.to_dict(), "seed": args.seed})
-        self.schedule = LisaSchedule(model, cfg)
+        self.schedule = LisaSchedule(model, cfg, device=args.device)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5 name
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)

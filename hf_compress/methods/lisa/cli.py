@@ -27,6 +27,13 @@ def add_command(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def _is_main_process() -> bool:
+    import torch
+
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def run(args) -> dict:
     import math
     import tempfile
@@ -51,8 +58,9 @@ def run(args) -> dict:
     if not math.isfinite(loss):
         raise ValueError(f"training diverged (loss {loss}); lower --lr")
     model.eval()
-    save_pretrained(model, args.out, tokenizer=tokenizer, base_model=card_base_model(args, model),
-                    overwrite=args.overwrite)
+    if _is_main_process():  # under torchrun every rank holds the same model; two ranks staging OUT would race
+        save_pretrained(model, args.out, tokenizer=tokenizer, base_model=card_base_model(args, model),
+                        overwrite=args.overwrite)
     result = {"out": args.out, "steps": args.steps, "training_loss": loss, "num_layers": schedule.num_layers,
               "num_active_layers": config.num_active_layers, "interval_steps": config.interval_steps,
               "sampled": [layers for _, layers in callback.history]}

@@ -163,7 +163,10 @@ def run(args) -> dict:
         if not math.isfinite(loss):
             raise ValueError(f"uptraining diverged (loss {loss}); lower --lr")
     model.eval()
-    _save(args, model, tokenizer, card_base_model(args, original))
+    from hf_compress.methods.recursive.relaxed_lora import _is_main_process
+
+    if _is_main_process():  # under torchrun every rank holds the same model; two ranks staging OUT would race
+        _save(args, model, tokenizer, card_base_model(args, original))
     unique = layers // args.loops
     params = sum(p.numel() for p in model.parameters())
     dense = sum(p.numel() for p in original.parameters())

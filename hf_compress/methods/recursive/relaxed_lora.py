@@ -181,14 +181,28 @@ def base_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_relaxed(peft_model, directory, base_model_name_or_path: str | None = None) -> Path:
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_relaxed(peft_model, directory, base_model_name_or_path: str | None = None,
+                 is_main_process: bool | None = None) -> Path:
     """Save a relaxed model as two ordinary artefacts: the recursive base (``directory``, trained shared
     weights included) and the adapter (``directory/relaxed_lora``), whose ``base_model_name_or_path`` points at
-    the base (``directory`` unless given, e.g. a Hub repo id) so ``AutoPeftModelForCausalLM`` loads both."""
+    the base (``directory`` unless given, e.g. a Hub repo id) so ``AutoPeftModelForCausalLM`` loads both.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank holds the same trained model, and a training script
+    calls this on every rank: only the main process writes (``is_main_process``: default rank 0 of an initialised
+    process group, else True), the others return at once without waiting. Two ranks staging the same folder
+    would otherwise race (measured: rank 1 failed with "…tmp has neither config.json nor adapter_config.json").
+    Ranks that read the folder right after saving need a barrier of their own."""
     from hf_compress.checkpoint.atomic import atomic_directory
     from hf_compress.methods.recursive.modeling import RecursiveLlamaForCausalLM
 
     directory = Path(directory)
+    if not (_is_main_process() if is_main_process is None else is_main_process):
+        return directory
     base = peft_model.get_base_model()
     with torch.device("meta"):
         clean = RecursiveLlamaForCausalLM(base.config)
