@@ -83,4 +83,6 @@ def logits(folder, ids) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    torch.save(logits(sys.argv[1], eval(sys.argv[2])), sys.argv[3])
+    from safetensors.torch import save_file
+
+    save_file({"logits": logits(sys.argv[1], eval(sys.argv[2]))}, sys.argv[3])

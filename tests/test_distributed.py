@@ -32,7 +32,8 @@ rank = int(os.environ.get("RANK", 0))
 with torch.no_grad():
     logits = model(torch.tensor([[3, 9, 27, 81, 4, 60]])).logits
 state = {k: v for k, v in model.state_dict().items()}
-torch.save({"logits": logits, "state": state}, f"{sys.argv[2]}.rank{rank}.pt")
+from safetensors.torch import save_file
+save_file({"logits": logits, **{"state." + k: v.contiguous() for k, v in state.items()}}, f"{sys.argv[2]}.rank{rank}.safetensors")
 if distributed:
     torch.distributed.destroy_process_group()
 '''
@@ -47,7 +48,11 @@ def run(tmp_path, processes, method, kwargs):
     done = subprocess.run([*launcher, str(script), str(REPO), str(out), method, repr(kwargs)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(f"{out}.rank{r}.pt") for r in range(processes)]
+    from safetensors.torch import load_file
+
+    results = [load_file(f"{out}.rank{r}.safetensors") for r in range(processes)]
+    return [{"logits": r["logits"], "state": {k[len("state."):]: v for k, v in r.items() if k.startswith("state.")}}
+            for r in results]
 
 
 @pytest.mark.parametrize("method,kwargs", [("GPTQConfig", {"bits": 3, "group_size": 32}),

@@ -21,16 +21,18 @@ pytest.importorskip("gguf")
 IDS = [[5, 17, 99, 3, 64, 120, 7]]
 FRESH_GGUF = ("import sys, torch; from transformers import AutoModelForCausalLM;"
               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], gguf_file=sys.argv[2]);"
-              "torch.save(m(torch.tensor(eval(sys.argv[4]))).logits.detach(), sys.argv[3])")
+              "from safetensors.torch import save_file; save_file({'l': m(torch.tensor(eval(sys.argv[4]))).logits.detach()}, sys.argv[3])")
 
 
 def gguf_logits(folder, file_name, tmp_path, ids=IDS):
-    out = tmp_path / "gguf_logits.pt"
+    out = tmp_path / "gguf_logits.safetensors"
     run = subprocess.run([sys.executable, "-c", FRESH_GGUF, str(folder), file_name, str(out), str(ids)],
                          env=subprocess_env(HF_COMPRESS_AUTOLOAD="0"), capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    from safetensors.torch import load_file
+
+    return load_file(str(out))["l"]
 
 
 @pytest.mark.parametrize("bits,sym,kind", [(4, False, "Q4_1"), (4, True, "Q4_0"), (3, False, "Q4_0"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from safetensors import safe_open
 
 import hf_compress
@@ -26,15 +27,15 @@ TESTS = Path(__file__).resolve().parent
 FRESH_CT = ("import sys, torch; from transformers import AutoModelForCausalLM;"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32);"
             "assert not any(k.partition('.')[0] == 'hf_compress' for k in sys.modules), 'hf_compress was imported';"
-            "torch.save(m(torch.tensor(eval(sys.argv[3]))).logits.detach(), sys.argv[2])")
+            "from safetensors.torch import save_file; save_file({'logits': m(torch.tensor(eval(sys.argv[3]))).logits.detach()}, sys.argv[2])")
 
 
 def reader_logits(folder, tmp_path, python=sys.executable, code=FRESH_CT, ids=IDS):
-    out = tmp_path / f"reader_{Path(folder).name}.pt"
+    out = tmp_path / f"reader_{Path(folder).name}.safetensors"
     run = subprocess.run([python, "-c", code, str(folder), str(out), str(ids)], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600, env=subprocess_env(HF_COMPRESS_AUTOLOAD="0"))
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return load_file(str(out))["logits"]
 
 
 def ours(model, ids=IDS):
@@ -158,12 +159,12 @@ def test_mixed_width_columns_are_refused_or_written_dense(tmp_path, calib, char_
 
 # -- GPTQ ----------------------------------------------------------------------------------------------------------
 def independent_gptq_logits(folder, tmp_path):
-    out = tmp_path / f"gptq_{Path(folder).name}.pt"
+    out = tmp_path / f"gptq_{Path(folder).name}.safetensors"
     run = subprocess.run([sys.executable, str(TESTS / "gptq_reader.py"), str(folder), str(IDS), str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env=subprocess_env(HF_COMPRESS_AUTOLOAD="0"))
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return load_file(str(out))["logits"]
 
 
 @pytest.mark.parametrize("bits,sym,fmt", [(4, True, "gptq"), (4, False, "gptq_v2"), (3, True, "gptq"),

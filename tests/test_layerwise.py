@@ -44,11 +44,13 @@ def test_least_important_layers_get_low_bits_and_round_trip(score, calib, char_t
         expect = model(torch.tensor([[1, 2, 3]])).logits
     model.save_pretrained(tmp_path / "q")
     code = ("import sys, torch; from transformers import AutoModelForCausalLM;"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); torch.save(m(torch.tensor([[1, 2, 3]])).logits.detach(), sys.argv[2])")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "l.pt")], cwd=tmp_path,
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); from safetensors.torch import save_file; save_file({'l': m(torch.tensor([[1, 2, 3]])).logits.detach()}, sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "l.safetensors")], cwd=tmp_path,
                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "l.pt"), expect)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "l.safetensors"))["l"], expect)
 
 
 def test_ranking_from_a_saved_profile_and_gptq_solver(calib, char_tokenizer, tmp_path):

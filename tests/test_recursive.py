@@ -157,12 +157,15 @@ def test_relaxed_adapter_round_trips_through_peft_and_transformers(tmp_path):
         "a = AutoPeftModelForCausalLM.from_pretrained(d + '/relaxed_lora')(ids).logits\n"
         "b = AutoModelForCausalLM.from_pretrained(d); b.load_adapter(d + '/relaxed_lora')\n"
         "c = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), d + '/relaxed_lora')(ids).logits\n"
-        "torch.save(torch.stack([a, b(ids).logits, c]).detach(), d + '/out.pt')\n"
+        "from safetensors.torch import save_file\n"
+        "save_file({'logits': torch.stack([a, b(ids).logits, c]).detach()}, d + '/out.safetensors')\n"
     )
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "relaxed"), str(IDS.tolist())],
                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    for logits in torch.load(tmp_path / "relaxed" / "out.pt"):
+    from safetensors.torch import load_file
+
+    for logits in load_file(str(tmp_path / "relaxed" / "out.safetensors"))["logits"]:
         torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_compress
@@ -80,7 +81,8 @@ from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 with torch.no_grad():
     out = m(torch.tensor({ids})).logits
-torch.save(out, sys.argv[2])
+from safetensors.torch import save_file
+save_file({{"logits": out}}, sys.argv[2])
 print("hf_compress" in sys.modules)
 """
 
@@ -92,11 +94,11 @@ def test_fresh_process_loads_without_import_and_fails_loudly_when_switched_off(a
     expect = logits(model)
     model.save_pretrained(tmp_path / "q")
     script = FRESH.format(ids=IDS.tolist())
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q"), str(tmp_path / "out.pt")],
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q"), str(tmp_path / "out.safetensors")],
                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("True")  # registered by the interpreter-start hook, not by the script
-    assert torch.equal(torch.load(tmp_path / "out.pt"), expect)
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expect)
 
     off = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q"), str(tmp_path / "off.pt")],
                          cwd=tmp_path, env=subprocess_env(HF_COMPRESS_AUTOLOAD="0"), capture_output=True, text=True, timeout=300)
@@ -147,10 +149,10 @@ def test_mixed_bit_widths_per_module_round_trip(tmp_path, calib, char_tokenizer)
     assert model.model.layers[0].mlp.down_proj.spec.bits == 2
     expect = logits(model)
     model.save_pretrained(tmp_path / "q")
-    run = subprocess.run([sys.executable, "-c", FRESH.format(ids=IDS.tolist()), str(tmp_path / "q"), str(tmp_path / "o.pt")],
+    run = subprocess.run([sys.executable, "-c", FRESH.format(ids=IDS.tolist()), str(tmp_path / "q"), str(tmp_path / "o.safetensors")],
                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "o.pt"), expect)
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["logits"], expect)
     with pytest.raises(ValueError, match="neither linear layers nor embeddings"):
         hf_compress.quantize(TINY_MODELS["llama"](), RTNConfig(plan={"model.norm": {"bits": 4}}), progress=False)
 

@@ -178,13 +178,15 @@ def test_native_loading_still_needs_no_import(tmp_path):
     model = quantized()
     model.save_pretrained(tmp_path / "q")
     code = ("import sys, torch; from transformers import AutoModelForCausalLM;"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); torch.save(m(torch.tensor(eval(sys.argv[3]))).logits, sys.argv[2]);"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); from safetensors.torch import save_file; save_file({'l': m(torch.tensor(eval(sys.argv[3]))).logits.detach()}, sys.argv[2]);"
             "print('hf_compress' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "o.pt"), str(IDS.tolist())],
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "o.safetensors"), str(IDS.tolist())],
                          capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "o.pt"), model(IDS).logits)
+        from safetensors.torch import load_file
+
+        assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["l"], model(IDS).logits)
 
 
 # -- saves that misbehaved (issue 17) ------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ def test_gptq_beats_rtn_and_round_trips_in_a_fresh_process(smollm2_dir, tmp_path
     hf_compress.save_pretrained(gptq, tmp_path / "q", tokenizer=tok)
     code = ("import sys, torch; from transformers import AutoModelForCausalLM;"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
-            f"torch.save(m(torch.tensor({ids.tolist()})).logits.detach(), sys.argv[2])")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "l.pt")], cwd=tmp_path,
+            f"from safetensors.torch import save_file; save_file({{'l': m(torch.tensor({ids.tolist()})).logits.detach()}}, sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "l.safetensors")], cwd=tmp_path,
                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "l.pt"), expect)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "l.safetensors"))["l"], expect)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(reloaded(ids).logits, expect)
     assert (tmp_path / "q" / "README.md").read_text().count("| model.layers.") == 21
