@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 
 # One registration line per built-in method folder.
-BUILTIN_METHODS = ("rtn", "gptq", "layerwise", "baq", "high_impact", "rsq", "recursive", "ln_free", "lisa")
+BUILTIN_METHODS = ("rtn", "gptq", "layerwise", "baq", "high_impact", "rsq", "recursive", "ln_free", "lisa", "kvtuner", "sparse")
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +33,7 @@ class Method:
         config: ``"module:Class"`` of its ``HfcConfig`` subclass (quantization methods).
         cli: ``"module:function"`` adding the method's own sub-command (``add_command(subparsers)``), for methods
             that are no quantization config; quantization methods get their options from the config's signature.
+        command: the sub-command's name when it is not ``name`` (one command shared by a family of methods).
         model_types: ``{model_type: artifact kind}`` of its checkpoints; ``register_architecture``
             (``"module:function"``) registers their configs with ``AutoConfig``.
         peft_types: ``{peft_type: artifact kind}`` of its adapters; ``register_peft`` adds them to PEFT's mappings.
@@ -55,6 +56,7 @@ class Method:
     register_peft: str | None = None
     recognize: str | None = None
     card: dict[str, str] = field(default_factory=dict)
+    command: str | None = None
 
     def __post_init__(self):
         if self.title is None:
