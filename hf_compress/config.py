@@ -59,6 +59,9 @@ class HfcConfig(QuantizationConfigMixin):
     # the model block by block on token windows, which an encoder-decoder's decoder cannot take alone.
     architectures: tuple[str, ...] = ("decoder", "encoder", "encoder-decoder")
     calibrated_architectures: tuple[str, ...] = ("decoder", "encoder")
+    # "module:function" ``(model, config, calibration, tokenizer, progress) -> model`` for a method whose stages or
+    # stored modules differ from quantization's (e.g. sparse weights); ``quantize`` then hands the model to it.
+    pipeline: str | None = None
 
     def __init__(self, bits=4, group_size=128, sym=False, modules_to_not_convert=None, dataset=None,
                  num_samples=32, seq_len=512, seed=0, tokenizer=None, plan=None, report=None, head_bits: int | None = None,
@@ -212,6 +215,15 @@ class HfcConfig(QuantizationConfigMixin):
                              "hf-compress checkpoint lists every packed module there as "
                              "{module name: {\"bits\", \"group_size\", \"sym\"}}; without it no module can be rebuilt")
         return {k: QuantSpec.from_dict(v) for k, v in self.plan.items()}
+
+    def build_modules(self, model: nn.Module, dtype=None) -> tuple[type, ...]:
+        """Loading: swap the planned modules of a meta-device model for empty stored modules; return their types
+        (whose tensors the loader checks against the checkpoint)."""
+        from hf_compress.checkpoint.rebuild import build_packed_modules
+        from hf_compress.formats.linear import PackedLinear
+
+        build_packed_modules(model, self.plan_specs(), dtype=dtype)
+        return (PackedLinear,)
 
     # -- solving (overridden per method) -------------------------------------------------------------------
     def solve(self, weight, stats, spec: QuantSpec, name: str | None = None):

@@ -67,8 +67,9 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, base_mode
 
 def _renderer(artifact: Artifact):
     """Quantized checkpoints share one card; every other kind is rendered by the method that declares it."""
-    if artifact.kind == "quantized":
-        return _quantized
+    if artifact.kind == "quantized":  # a method may render its own checkpoints (``Method.card["quantized"]``)
+        method = method_for_quant_method(artifact.config["quantization_config"]["quant_method"])
+        return resolve(method.card["quantized"]) if method and "quantized" in method.card else _quantized
     method = method_for_artifact(artifact.kind)
     if method is None:
         raise ValueError(f"{artifact.folder} is a {artifact.adapter_config.get('peft_type') or artifact.kind} artifact "

@@ -147,7 +147,7 @@ def _builders() -> dict:
     out = {name: (HELP[name], build) for name, build in out.items()}
     for method in methods():
         if method.cli:
-            out[method.name] = (method.summary, resolve(method.cli))
+            out[method.command or method.name] = (method.summary, resolve(method.cli))
     return out
 
 

@@ -33,12 +33,13 @@ from hf_compress.calibration.discovery import (decoder_layers, max_positions, mo
                                                unsupported_weight_modules, weight_matrix)
 from hf_compress.calibration.distributed import same_everywhere, shard
 from hf_compress.calibration.runner import run_sequential
-from hf_compress.checkpoint.rebuild import build_packed_modules, check_mixed_segments
+from hf_compress.checkpoint.rebuild import check_mixed_segments
 from hf_compress.checkpoint.verify import check_packed_tensors, verify_checkpoint_files
 from hf_compress.config import HfcConfig
 from hf_compress.formats.embedding import PackedEmbedding
 from hf_compress.formats.linear import PackedLinear
 from hf_compress.plan import overall_bits, plan_rows
+from hf_compress.registry import resolve
 from hf_compress.solvers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
     """
     if not isinstance(config, HfcConfig):
         raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
+    if config.pipeline is not None:  # the method runs its own stages (see HfcConfig.pipeline)
+        if resume_dir is not None or block_io is not None:
+            raise ValueError(f"{type(config).__name__} supports neither resume_dir nor streaming yet")
+        return resolve(config.pipeline)(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
     if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("model is already quantized; load the dense model to quantize it again")
     config.check_model(model)
@@ -277,8 +282,8 @@ class HfcQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             stored = verify_checkpoint_files(checkpoint_files)
-            build_packed_modules(model, self.quantization_config.plan_specs(), dtype=model.dtype)
-            check_packed_tensors(model, stored, PackedLinear)
+            for module_type in self.quantization_config.build_modules(model, dtype=model.dtype):
+                check_packed_tensors(model, stored, module_type)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
