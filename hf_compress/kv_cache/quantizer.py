@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_compress.formats.packing import pack_codes, unpack_codes
+from hf_compress.formats.packing import pack_codes
 
 KV_BITS = (2, 4, 8, 16)  # 16 = stored untouched
 AXES = ("channel", "token")
@@ -37,35 +37,34 @@ def check_kv_bits(bits, what: str = "bits") -> int:
 
 def quantize_blocks(block: torch.Tensor, bits: int, axis: str, group: int):
     """Asymmetric min/max quantization ``x ≈ scale·q + zero``, ``q ∈ [0, 2^bits)``, of ``k`` consecutive
-    ``G``-token blocks (``[B, H, k·G, D]``). Returns packed ``[B, H, nbytes]`` uint8 and scale/zero
-    ``[B, H, n_groups, 1]`` float16; groups are laid out block after block so blocks can be appended."""
+    ``G``-token blocks (``[B, H, k·G, D]``). Returns packed ``[B, H, nbytes]`` uint8 (codes in token-major order)
+    and scale/zero ``[B, H, n_groups]`` float16, block after block so blocks can be appended."""
     b, h, t, d = block.shape
-    if axis == "channel":  # one group = the G tokens of one channel of one block: [B, H, k, D, G]
-        x = block.reshape(b, h, t // group, group, d).transpose(-1, -2).float()
-    else:  # one group = G consecutive channels of one token
+    if axis == "channel":  # one group = the G tokens of one channel of one block: reduce over G in [B, H, k, G, D]
+        x, dim = block.reshape(b, h, t // group, group, d).float(), -2
+    else:  # one group = G consecutive channels of one token: reduce over the last dim of [B, H, T, D/G, G]
         if d % group:
             raise ValueError(f"head_dim {d} is not a multiple of the value group size {group}")
-        x = block.reshape(b, h, t * d // group, group).float()
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        x, dim = block.reshape(b, h, t, d // group, group).float(), -1
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     # Round the statistics to their storage dtype *before* computing codes, so dequantization uses exactly the
     # values the codes were fitted to (float16 rounding would otherwise add a bias per group).
     zero = lo.to(STAT_DTYPE)
     scale = ((hi - zero.float()) / (2**bits - 1)).clamp_min(1e-6).to(STAT_DTYPE)
     q = ((x - zero.float()) / scale.float()).round_().clamp_(0, 2**bits - 1)
     packed = pack_codes(q.to(torch.uint8), bits).view(b, h, -1)
-    return packed, scale.reshape(b, h, -1, 1), zero.reshape(b, h, -1, 1)
+    return packed, scale.reshape(b, h, -1), zero.reshape(b, h, -1)
 
 
-def _dequantize_chunks(codes, scale, zero, axis, group, shape):
+def _dequantize_chunks(codes, scale, zero, axis, group, shape, dtype):
+    """Codes in storage order (token-major in both layouts, so no transpose) → ``[B, H, T, D]``."""
     b, h, t, d = shape
-    n = t // group
     if axis == "channel":
-        # codes per block: [B, H, D, G] laid out block after block
-        q = codes.reshape(b, h, n, d, group).float()
-        x = q * scale.view(b, h, n, d, 1).float() + zero.view(b, h, n, d, 1).float()
-        return x.transpose(-1, -2).reshape(b, h, t, d)
-    q = codes.reshape(b, h, t * d // group, group).float()
-    return (q * scale.float() + zero.float()).reshape(b, h, t, d)
+        view, stat = (b, h, t // group, group, d), (b, h, t // group, 1, d)
+    else:
+        view, stat = (b, h, t, d // group, group), (b, h, t, d // group, 1)
+    x = torch.addcmul(zero.view(stat).to(dtype), codes.view(view).to(dtype), scale.view(stat).to(dtype))
+    return x.view(b, h, t, d)
 
 
 @dataclass
@@ -76,7 +75,7 @@ class QuantizedBlocks:
     axis: str
     group: int
     packed: torch.Tensor | None = None  # [B, H, n·nbytes] uint8
-    scale: torch.Tensor | None = None  # [B, H, n·groups, 1] float16
+    scale: torch.Tensor | None = None  # [B, H, n·groups] float16
     zero: torch.Tensor | None = None
     tokens: int = 0
     head_dim: int = 0
@@ -92,8 +91,8 @@ class QuantizedBlocks:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         b, h = self.packed.shape[:2]
         shape = (b, h, self.tokens, self.head_dim)
-        codes = unpack_codes(self.packed.reshape(-1), self.bits, b * h * self.tokens * self.head_dim)
-        return _dequantize_chunks(codes, self.scale, self.zero, self.axis, self.group, shape).to(dtype)
+        codes = unpack_byte_aligned(self.packed, self.bits)
+        return _dequantize_chunks(codes, self.scale, self.zero, self.axis, self.group, shape, dtype)
 
     def index_batch(self, index: torch.Tensor) -> None:
         if self.packed is not None:
@@ -107,6 +106,17 @@ class QuantizedBlocks:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero) if t is not None)
+
+
+def unpack_byte_aligned(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`~hf_compress.formats.packing.unpack_codes` for widths that divide 8, on uint8 without widening: the
+    cache unpacks every stored code at every decode step, so this path is the decode cost (same bit layout: code
+    ``i`` in byte ``i·bits // 8`` at shift ``(i·bits) % 8``)."""
+    flat = packed.reshape(-1)
+    if bits == 8:
+        return flat
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((flat.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, axis: str, group: int) -> torch.Tensor:

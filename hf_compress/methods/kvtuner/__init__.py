@@ -10,7 +10,7 @@ PAPER = "[Li et al., ICML 2025, arXiv 2502.04420](https://arxiv.org/abs/2502.044
 register_method(Method(
     title="KVTuner", name="kvtuner", kind="architecture", paper=PAPER,
     summary="KVTuner: per-layer K/V cache widths searched under an average-bit budget, used by generate()",
-    cli="hf_compress.methods.kvtuner.cli:add_command",
+    cli="hf_compress.methods.kvtuner.cli:add_command", command="kv-plan",
     model_types={"hfc_kvtuner_llama": "kvtuner"},
     register_architecture="hf_compress.methods.kvtuner.configuration:register",
     card={"kvtuner": "hf_compress.methods.kvtuner.card:kvtuner_card"},
