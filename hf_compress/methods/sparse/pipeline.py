@@ -74,8 +74,11 @@ def prune(model: nn.Module, config, calibration=None, tokenizer=None, progress: 
     missing = [n for n in sparse if not isinstance(model.get_submodule(n), SparseLinear)]
     if missing:
         raise ValueError(f"planned modules were never pruned (not reached by calibration?): {missing[:5]}")
-    if config.dense_dtype is not None:
+    if config.dense_dtype is not None:  # values and factors follow it; grid scales keep their stored precision
+        scales = {m: m.scales for m in model.modules() if isinstance(m, SparseLinear) and hasattr(m, "scales")}
         cast_dense_parts(model, getattr(torch, config.dense_dtype))
+        for module, tensor in scales.items():
+            module.scales = tensor
     config.plan = {k: v.to_dict() for k, v in plan.items()}
     total = sum(weight_matrix(modules[n]).numel() for n in sparse)
     kept = sum(plan[n].kept(*weight_matrix(modules[n]).shape) for n in sparse)
