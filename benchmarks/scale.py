@@ -14,7 +14,7 @@ shard) whose weights exceed the machine's memory; RTN 4-bit streamed end to end,
 RSS of each; the synthetic files are deleted afterwards.
 
 GPTQ 4-bit g64 on the first ``--blocks`` blocks of SmolLM2-135M-Instruct, ``--samples`` WikiText-2 windows of 512.
-Rows, interleaved, ``--repeats`` times each (median reported): one process using every core; one process per
+Rows, interleaved, ``--repeats`` times each (median reported): one process using every core; one process with one thread; one process per
 core under ``torchrun`` (gloo, one thread each, the windows sharded, Hessians all-reduced); one process with
 ``resume_dir`` (state written after every block). Each run reports its ``quantize()`` wall time and its peak RSS;
 the multi-process row also the share of packed codes that differ from the one-process model (summation order).
@@ -42,15 +42,22 @@ import json, os, resource, sys, time, torch
 import hf_compress
 from hf_compress.calibration.data import CalibrationSpec, default_text_source
 
-blocks, samples, out, resume = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+blocks, samples, out, resume, random_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 distributed = "RANK" in os.environ
 if distributed:
     torch.distributed.init_process_group("gloo")
     torch.set_num_threads(1)
-model, tok = hf_compress.load_model(None)
+if random_dir == "-":
+    model, tok = hf_compress.load_model(None)
+    spec = CalibrationSpec(default_text_source("validation"), samples, 512, 0)
+else:  # seeded random weights and token windows: the seconds do not depend on the values
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model, tok = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(random_dir)), None
+    ids = torch.randint(0, model.config.vocab_size, (samples, 512), generator=torch.Generator().manual_seed(0))
+    spec = CalibrationSpec(ids, samples, 512, 0)
 skip = [rf"layers\.({'|'.join(str(i) for i in range(blocks, 64))})\."]
 config = hf_compress.GPTQConfig(bits=4, group_size=64, modules_to_not_convert=skip)
-spec = CalibrationSpec(default_text_source("validation"), samples, 512, 0)
 t = time.perf_counter()
 hf_compress.quantize(model, config, calibration=spec, tokenizer=tok, progress=False,
                      resume_dir=None if resume == "-" else resume)
@@ -75,8 +82,10 @@ def run(kind: str, args, tmp: Path, index: int) -> dict:
     cores = os.cpu_count() or 1
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cores)]
                 if kind == "multi-process" else [sys.executable])
-    done = subprocess.run([*launcher, str(script), str(args.blocks), str(args.samples), str(out), resume],
-                          capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if kind == "one thread" else None
+    done = subprocess.run([*launcher, str(script), str(args.blocks), str(args.samples), str(out), resume,
+                           args.random_weights or "-"],
+                          capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return {**json.loads(Path(str(out) + ".json").read_text()), "codes": str(out) + ".codes.safetensors"}
@@ -92,6 +101,9 @@ def main() -> None:
     parser.add_argument("--gptq-blocks", type=int, default=2)
     parser.add_argument("--gptq-samples", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temp folder)")
+    parser.add_argument("--random-weights", default=None, metavar="CONFIG_DIR",
+                        help="--part multi: seeded random weights from a config folder and random token windows "
+                             "(for a machine the model file cannot reach; the seconds do not depend on the values)")
     parser.add_argument("--fresh", action="store_true", help="--part streaming: measure the in-memory row again")
     args = parser.parse_args()
     if args.part != "multi":
@@ -103,7 +115,7 @@ def main() -> None:
 
     import hf_compress
 
-    kinds = ("one process", "multi-process", "resumable")
+    kinds = ("one process", "one thread", "multi-process", "resumable")
     tmp = Path(tempfile.mkdtemp(prefix="hfc-scale-"))
     runs = {k: [] for k in kinds}
     for i in range(args.repeats):
@@ -115,16 +127,19 @@ def main() -> None:
     reference = load_file(runs["one process"][0]["codes"])
     cores = os.cpu_count()
     lines = [TITLE, "", f"Command: `python benchmarks/scale.py --blocks {args.blocks} --samples {args.samples} --repeats "
-             f"{args.repeats}` · machine: {platform.machine()}, {cores} CPU cores, no GPU · hf-compress "
+             f"{args.repeats}{' --random-weights DIR' if args.random_weights else ''}` · machine: {platform.machine()}, "
+             f"{cores} CPU cores{' (the GPU is not used)' if args.random_weights else ', no GPU'} · hf-compress "
              f"{hf_compress.__version__}, torch {torch.__version__}, transformers {transformers.__version__} · date: "
              f"{datetime.date.today().isoformat()}", "",
-             f"GPTQ 4-bit g64 on blocks 0–{args.blocks - 1} of SmolLM2-135M-Instruct (fp32), {args.samples} WikiText-2 "
-             f"windows of 512; `quantize()` wall time, median of {args.repeats} interleaved runs; peak RSS of the (rank-0) "
+             f"GPTQ 4-bit g64 on blocks 0–{args.blocks - 1} of SmolLM2-135M-Instruct (fp32"
+             f"{'; seeded random weights in its shapes, random token windows' if args.random_weights else ', WikiText-2 windows'}), "
+             f"{args.samples} windows of 512; `quantize()` wall time, median of {args.repeats} interleaved runs; peak RSS of the (rank-0) "
              "process; codes differing from the one-process model.", "",
              "| run | seconds | speed-up | peak RSS MB | codes differing |", "|---|---|---|---|---|"]
     base = statistics.median(r["seconds"] for r in runs["one process"])
     labels = {"one process": f"one process, {cores} threads", "multi-process": f"torchrun, {cores} processes × 1 thread (gloo)",
-              "resumable": f"one process, `resume_dir` (state after every block)"}
+              "resumable": f"one process, `resume_dir` (state after every block)",
+              "one thread": "one process, 1 thread"}
     for kind in kinds:
         secs = statistics.median(r["seconds"] for r in runs[kind])
         rss = max(r["rss_mb"] for r in runs[kind])
@@ -132,7 +147,10 @@ def main() -> None:
         differing = sum(int((codes[k] != reference[k]).sum()) for k in reference)
         total = sum(v.numel() for v in reference.values())
         lines.append(f"| {labels[kind]} | {secs:.1f} | {base / secs:.2f}× | {rss:.0f} | {differing} of {total} bytes |")
-    lines += ["", "Streaming and the larger-than-RAM run: their own sections (`--part streaming`, `--part larger-than-ram`)."]
+    lines += ["", "Codes differing: GPTQ's error feedback turns float summation-order differences (threads, processes) into "
+              "different rounding choices; the one-thread row is the same single process with another summation order, "
+              "so it shows how much of the multi-process difference is that alone.", "",
+              "Streaming and the larger-than-RAM run: their own sections (`--part streaming`, `--part larger-than-ram`)."]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(TITLE, text)

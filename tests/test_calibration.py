@@ -10,7 +10,7 @@ from hf_compress.calibration.discovery import decoder_layers
 from hf_compress.calibration.runner import capture_block_inputs, collect_stats, discover_groups
 from hf_compress.evaluation import eval_windows, perplexity
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import WIKITEXT, require_wikitext, tiny_gpt2, tiny_llama
 
 
 def test_sources_list_file_and_datasets(tmp_path, text_corpus, char_tokenizer):
@@ -160,3 +160,53 @@ def test_calibration_runner_keeps_only_the_current_block_dense(char_tokenizer, t
     run_sequential(model, batches, lambda n, m: n in plan, solve, progress=False, on_block=on_block)
     assert dense_blocks == [[0], [1], [2], [3]]
     assert not any(getattr(m, "_dense_cache", None) is not None for m in model.modules())
+
+
+class _CallRecorder:
+    """Wraps a tokenizer and records the length of every text it is called on."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def test_long_texts_are_tokenized_in_pieces_with_the_one_call_ids(smollm2_dir):
+    """Calibration and perplexity tokenize long texts in pieces (the one-call peak was 140 MB on WikiText-2) and
+    must get exactly the ids of one call, on every text the benchmarks read."""
+    from transformers import AutoTokenizer
+
+    from hf_compress.calibration.data import tokenize_text
+
+    require_wikitext()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    files = [WIKITEXT / "valid.txt", WIKITEXT / "test.txt", WIKITEXT.parent / "tinyshakespeare" / "input.txt"]
+    for path in [f for f in files if f.is_file()]:
+        text = path.read_text(encoding="utf-8")
+        recorder = _CallRecorder(tokenizer)
+        pieces = tokenize_text(text, recorder)
+        whole = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        assert torch.equal(pieces, whole), path.name
+        assert max(recorder.lengths) < len(text) // 4, (path.name, max(recorder.lengths))  # really in pieces
+
+
+def test_a_tokenizer_that_marks_each_text_start_gets_one_call(char_tokenizer):
+    """A tokenizer whose ids depend on where a text starts (a dummy prefix, as SentencePiece adds) fails the cut
+    check: the text is tokenized in one call, so the ids still equal the one-call ids."""
+    from hf_compress.calibration.data import tokenize_text
+
+    class PrefixTokenizer:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return char_tokenizer("^" + text)
+
+    lines = [f"line {i} holds some words" for i in range(20000)]
+    text = "\n".join(lines)
+    tokenizer = _CallRecorder(PrefixTokenizer())
+    ids = tokenize_text(text, tokenizer, piece_chars=4096)
+    assert torch.equal(ids, char_tokenizer("^" + text).input_ids[0])
+    assert max(tokenizer.lengths) == len(text)
+    plain = _CallRecorder(char_tokenizer)  # the same text with a context-free tokenizer is cut
+    assert torch.equal(tokenize_text(text, plain, piece_chars=4096), char_tokenizer(text).input_ids[0])
+    assert max(plain.lengths) < 3 * 4096

@@ -77,6 +77,7 @@ def test_only_one_block_holds_weights_at_a_time(source, tmp_path, calib, monkeyp
 
     def counting_load(io, index, block):
         assert materialized(io) == [], "a block was still in memory when the next one was loaded"
+        assert io.model.get_input_embeddings().weight.is_meta, "the embeddings are held while blocks are calibrated"
         load(io, index, block)
         seen.append(materialized(io))
 

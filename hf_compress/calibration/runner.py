@@ -184,7 +184,9 @@ def run_sequential(
         state: a :class:`~hf_compress.calibration.resume.ResumeState`: finished blocks are restored from it and
             every block finished here is recorded in it.
         block_io: for streaming (``pipeline.streaming``): ``load(index, block)`` gives a block on the meta device
-            its weights just before it is calibrated, ``release(index, block)`` writes and frees it once finished.
+            its weights just before it is calibrated, ``release(index, block)`` writes and frees it once finished;
+            ``inputs_captured()`` once the first block's inputs are computed (the parts outside the blocks are not
+            needed again until) ``blocks_done()``, after the last block.
     """
     if batches.numel() == 0:
         raise ValueError("calibration set is empty: no token windows")
@@ -198,6 +200,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, layers, batches)
+    if block_io is not None:
+        block_io.inputs_captured()
     start = 0
     restored = None if state is None else state.restore(layers, prefix)
     if restored is not None:  # blocks up to state.done are packed again; continue with the hidden states they gave
@@ -232,6 +236,8 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
             if block_io is not None:
                 block_io.release(idx, block)
             bar.update(1)
+        if block_io is not None:
+            block_io.blocks_done()
     finally:
         bar.close()
         model.train(was_training)

@@ -49,6 +49,23 @@ class StreamedBlocks:
         block.to("meta")
         release_freed_memory()
 
+    def inputs_captured(self) -> None:
+        """The embeddings served only to compute the first block's inputs: free them until the blocks are done.
+
+        Why: on a small model the (tied) embedding table is the largest tensor held while the blocks are
+        calibrated (SmolLM2: 49152 × 576 in fp32, 113 MB, more than a whole decoder block)."""
+        for module in {self.model.get_input_embeddings(), self.model.get_output_embeddings()} - {None}:
+            module.to("meta")
+        release_freed_memory()
+
+    def blocks_done(self) -> None:
+        """Read the embeddings back (after the last block; the head's own solve and the saving need them)."""
+        missing = materialize(self.model, "", self.source, self.dtype, self.model._init_weights, skip={self.prefix})
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        if [k for k in missing if k not in tied]:
+            raise ValueError(f"the checkpoint no longer holds {missing[:3]}: was it changed while quantizing?")
+        self.model.tie_weights()
+
     def write_remaining(self) -> None:
         """Blocks the pipeline never needed (no planned module in them, or after the last one): copied as they are."""
         for index, block in enumerate(self.layers):
