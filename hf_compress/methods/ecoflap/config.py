@@ -18,16 +18,18 @@ class EcoflapConfig(SparseConfig):
         local: the per-module pruner, ``"wanda"`` (the paper's default) or ``"sparsegpt"``.
         zo_samples: calibration windows for the zeroth-order scores (2 forward passes each per block).
         zo_eps: perturbation size ε.
+        zo_seq_len: score on the first this many tokens of each window (default: whole windows; shorter is cheaper).
         damp, block_size: SparseGPT's, when ``local="sparsegpt"``.
     """
 
     quant_method = "hfc_ecoflap"
-    method_keys = ("sparsity", "pattern", "max_sparsity", "local", "zo_samples", "zo_eps", "damp", "block_size",
-                   "allocation")
+    method_keys = ("sparsity", "pattern", "max_sparsity", "local", "zo_samples", "zo_eps", "zo_seq_len", "damp",
+                   "block_size", "allocation")
     needs_calibration = True
 
     def __init__(self, sparsity: float | None = None, max_sparsity: float | None = None, local: str = "wanda",
-                 zo_samples: int = 8, zo_eps: float = 1e-3, damp: float = 0.01, block_size: int = 128,
+                 zo_samples: int = 8, zo_eps: float = 1e-3, zo_seq_len: int | None = None, damp: float = 0.01,
+                 block_size: int = 128,
                  pattern: str = "unstructured", allocation=None, **kwargs):
         if pattern != "unstructured":
             raise ValueError(f"ECoFLaP allocates unstructured sparsity per block; an N:M pattern ({pattern}) fixes "
@@ -42,8 +44,10 @@ class EcoflapConfig(SparseConfig):
             raise ValueError(f"zo_samples must be a positive integer, got {zo_samples!r}")
         if not zo_eps > 0:
             raise ValueError(f"zo_eps must be positive, got {zo_eps!r}")
+        if zo_seq_len is not None and (not isinstance(zo_seq_len, int) or zo_seq_len < 2):
+            raise ValueError(f"zo_seq_len must be an integer of at least 2 tokens, got {zo_seq_len!r}")
         super().__init__(sparsity=sparsity, pattern=pattern, max_sparsity=max_sparsity, local=local,
-                         zo_samples=zo_samples, zo_eps=zo_eps, damp=damp, block_size=block_size,
+                         zo_samples=zo_samples, zo_eps=zo_eps, zo_seq_len=zo_seq_len, damp=damp, block_size=block_size,
                          allocation=allocation, **kwargs)
 
     @property
@@ -64,7 +68,8 @@ class EcoflapConfig(SparseConfig):
         blocks = [[n for n in names if n.startswith(f"{prefix}.{i}.")] for i in range(len(layers))]
         blocks = [b for b in blocks if b]
         params = [[modules[n].weight for n in b] for b in blocks]  # perturbed in place, restored exactly
-        scores = zeroth_order_scores(model, params, batches[: self.zo_samples], self.zo_eps, self.seed)
+        windows = batches[: self.zo_samples, : self.zo_seq_len]
+        scores = zeroth_order_scores(model, params, windows, self.zo_eps, self.seed)
         sizes = [sum(p.numel() for p in ps) for ps in params]
         keep = water_fill(sizes, scores, self.sparsity, self.max_sparsity)
         plan = {}
