@@ -12,6 +12,12 @@ def kernel_report(model) -> list[dict]:
     CPU plans are built here if no forward built them yet (the same plan the forward then uses)."""
     mode, rows = kernel_mode(), []
     for name, module in model.named_modules():
+        describe = getattr(module, "kernel_description", None)  # other stored modules say how they run
+        if describe is not None and not isinstance(module, PackedLinear):
+            kinds, reasons = describe()
+            rows.append({"module": name, "device": next(module.buffers()).device.type, "kernels": kinds,
+                         "fallback": reasons})
+            continue
         if not isinstance(module, PackedLinear):
             continue
         device = module.weight.device.type

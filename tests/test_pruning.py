@@ -166,3 +166,10 @@ def test_encoder_decoder_is_refused():
                                              d_kv=16, decoder_start_token_id=0)).eval()
     with pytest.raises(ValueError, match="does not support T5ForConditionalGeneration"):
         hf_compress.quantize(t5, MagnitudeConfig(sparsity=0.5), progress=False)
+
+
+def test_kernel_report_says_sparse_modules_run_dense():
+    model = tiny_llama()
+    hf_compress.quantize(model, MagnitudeConfig(pattern="2:4", bits=4, group_size=32), progress=False)
+    rows = [r for r in hf_compress.kernel_report(model) if "decompressed" in r["kernels"][0]]
+    assert len(rows) == 14 and "2:4 + 4-bit codes" in rows[0]["kernels"][0] and "CUDA-only" in rows[0]["fallback"][0]

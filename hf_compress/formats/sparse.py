@@ -240,6 +240,14 @@ class SparseLinear(nn.Module):
                 cache = self._dense = self.dense_weight(x.dtype).to(x.device)
         return nn.functional.linear(x, cache, None if self.bias is None else self.bias.to(x.dtype))
 
+    def kernel_description(self) -> tuple[list[str], list[str]]:
+        """For ``hf_compress.kernel_report``: what runs this module, and why it is no sparse kernel."""
+        what = f"dense F.linear on a copy decompressed once ({self.spec.pattern}"
+        what += f" + {self.spec.bits}-bit codes" if self.spec.bits else ""
+        what += ", A·core·B folded" if self.spec.factor_block else ""
+        return [what + ")"], ["no sparse kernel faster than dense GEMM here: torch's 2:4 kernels are CUDA-only and "
+                              "measured slower than dense at this model's sizes (benchmarks/gpu_sparse.py)"]
+
     def stored_bytes(self) -> int:
         """Bytes of the stored weight tensors (bias excluded, as for ``PackedLinear``)."""
         return sum(t.numel() * t.element_size() for _, t in self.named_buffers(recurse=False) if t is not None)
