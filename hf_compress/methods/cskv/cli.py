@@ -31,9 +31,10 @@ def run(args) -> dict:
     from hf_compress.calibration.data import CalibrationSpec, calibration_batches, default_text_source
     from hf_compress.cli.common import check_out, load_model_arg
     from hf_compress.integrations.hub import save_pretrained
-    from hf_compress.methods.cskv.asvd import collect_scales, convert
+    from hf_compress.methods.cskv.asvd import collect_scales, convert, ranks_for
     from hf_compress.methods.cskv.training import train_reconstruction
 
+    ranks_for(args.reduction, 64)  # fail on a bad reduction before loading anything
     check_out(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
     spec = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)

@@ -36,9 +36,9 @@ def run(args) -> dict:
     from hf_compress.cli.common import check_out, load_model_arg
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.methods.kvtuner.modeling import with_kv_plan
-    from hf_compress.methods.kvtuner.tune import kv_plan, parse_pairs
+    from hf_compress.methods.kvtuner.tune import check_budget, kv_plan, parse_pairs
 
-    parse_pairs(args.pairs)  # fail on a typo before loading anything
+    check_budget(args.avg_bits, parse_pairs(args.pairs))  # fail on a typo or an impossible budget before loading
     check_out(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
     spec = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)

@@ -20,6 +20,12 @@ def parse_pairs(names) -> list[tuple[int, int]]:
     return [PAIR_NAMES[n] for n in names]
 
 
+def check_budget(avg_bits, candidates) -> None:
+    cheapest = min(k + v for k, v in candidates) / 2
+    if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or avg_bits < cheapest:
+        raise ValueError(f"average-bit budget {avg_bits!r} is below the cheapest candidate pair ({cheapest} bits)")
+
+
 def kv_plan(model, batches, avg_bits: float, pairs=DEFAULT_PAIRS, search: str = "knapsack", group_size: int = 32,
             residual_length: int = 32, errors=None, progress: bool = True, **search_kwargs) -> KVPlan:
     """Search a per-layer KV plan for ``model``.
@@ -35,6 +41,7 @@ def kv_plan(model, batches, avg_bits: float, pairs=DEFAULT_PAIRS, search: str = 
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; choose one of {sorted(SEARCHES)}")
     candidates = parse_pairs(pairs)
+    check_budget(avg_bits, candidates)  # before the calibration pass, not after it
     if errors is None:
         errors = pair_errors(model, batches, candidates, group_size, progress=progress)
     choice = SEARCHES[search](errors, candidates, avg_bits, **search_kwargs)
