@@ -264,3 +264,25 @@ def test_saved_plan_refuses_non_llama_models():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64))
     with pytest.raises(ValueError, match="Llama-family"):
         with_kv_plan(gpt2, KVPlan.uniform(2, 4))
+
+
+# -- the quantizer itself --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_blocks_round_trip_within_half_a_step_and_unpack_matches_the_shared_format(bits, axis):
+    from hf_compress.formats.packing import unpack_codes
+    from hf_compress.kv_cache.quantizer import QuantizedBlocks, unpack_byte_aligned
+
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(bits))
+    x[..., 5] *= 10  # an outlier channel: per-channel keys confine it to its own groups
+    blocks = QuantizedBlocks(bits, axis, 32)
+    blocks.append(x[..., :32, :])
+    blocks.append(x[..., 32:, :])  # appended block by block = quantized at once
+    once = QuantizedBlocks(bits, axis, 32)
+    once.append(x)
+    assert torch.equal(blocks.dequantize(torch.float32), once.dequantize(torch.float32))
+    step = blocks.scale.float().max()
+    assert (blocks.dequantize(torch.float32) - x).abs().max() <= step / 2 + 1e-2 * step
+    n = x.numel()
+    assert torch.equal(unpack_byte_aligned(blocks.packed, bits)[:n], unpack_codes(blocks.packed.reshape(-1), bits, n))
+    assert blocks.packed.numel() == n * bits // 8

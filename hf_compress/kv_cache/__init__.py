@@ -7,7 +7,7 @@ from hf_compress._imports import lazy_attributes
 
 _LAZY = {
     "KVPlan": "plan", "build_cache": "plan", "cache_bytes": "plan", "pair_name": "quantizer", "PAIR_NAMES": "plan",
-    "QuantizedKVLayer": "layers", "QuantizedBlocks": "quantizer", "fake_quantize": "quantizer",
+    "QuantizedKVLayer": "layers", "QuantizedStream": "layers", "QuantizedBlocks": "quantizer", "fake_quantize": "quantizer",
     "check_kv_bits": "quantizer", "KV_BITS": "quantizer", "PlannedCacheMixin": "generation",
 }
 __all__ = list(_LAZY)

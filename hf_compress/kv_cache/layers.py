@@ -14,7 +14,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_compress.kv_cache.quantizer import QuantizedBlocks, check_kv_bits, pair_name
 
 
-class _Stream:
+class QuantizedStream:
     """Keys or values of one layer: quantized blocks (oldest tokens) + a full-precision tail (newest)."""
 
     def __init__(self, bits: int, axis: str, group: int, residual_length: int):
@@ -106,8 +106,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self._keys = _Stream(self.key_bits, "channel", self.group_size, self.residual_length)
-        self._values = _Stream(self.value_bits, "token", self.group_size, self.residual_length)
+        self._keys = QuantizedStream(self.key_bits, "channel", self.group_size, self.residual_length)
+        self._values = QuantizedStream(self.value_bits, "token", self.group_size, self.residual_length)
         self.keys = self.values = None
         self.is_initialized = False
         self.cumulative_length = 0

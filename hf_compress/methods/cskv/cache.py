@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from hf_compress.kv_cache.layers import _Stream
+from hf_compress.kv_cache.layers import QuantizedStream
 
 
 def _value_group(rank: int, group: int) -> int:
@@ -36,8 +36,8 @@ class CSKVCacheLayer(CacheLayerMixin):
         return f"CSKVCacheLayer(rank_k={self.rank_k}, rank_v={self.rank_v}, window={self.window}, bits={self.latent_bits})"
 
     def reset(self) -> None:
-        self._ck = _Stream(self.latent_bits, "channel", self.group_size, self.window)
-        self._cv = _Stream(self.latent_bits, "token", _value_group(self.rank_v, self.group_size), self.window)
+        self._ck = QuantizedStream(self.latent_bits, "channel", self.group_size, self.window)
+        self._cv = QuantizedStream(self.latent_bits, "token", _value_group(self.rank_v, self.group_size), self.window)
         self._wk = self._wv = self._pos = None
         self.keys = self.values = None
         self.is_initialized = False
