@@ -25,6 +25,7 @@ class EcoflapConfig(SparseConfig):
     quant_method = "hfc_ecoflap"
     method_keys = ("sparsity", "pattern", "max_sparsity", "local", "zo_samples", "zo_eps", "zo_seq_len", "damp",
                    "block_size", "allocation")
+    derived_keys = ("allocation",)  # written by planning (per-block scores and ratios), not an option
     needs_calibration = True
 
     def __init__(self, sparsity: float | None = None, max_sparsity: float | None = None, local: str = "wanda",
