@@ -221,15 +221,17 @@ def _run_sequential(model, batches, is_target, solve, progress, on_block, token_
             for rel in _solve_block(block, block_name, inputs, is_target, solve, weights):
                 bar.set_postfix_str(rel)
             with torch.no_grad():
-                new_inputs, outputs = [], []
-                for args, kwargs in inputs:
+                # Each sample's hidden state is replaced as soon as its output exists, so only one set of
+                # activations is alive (two only when ``on_block`` needs the block's inputs beside its outputs).
+                entering = [a[0] if a else k["hidden_states"] for a, k in inputs] if on_block is not None else None
+                outputs = []
+                for i, (args, kwargs) in enumerate(inputs):
                     out = _block_output(block(*args, **kwargs))
                     _check_finite(f"the output of {block_name}", out)
-                    new_inputs.append(_with_hidden(args, kwargs, out))
+                    inputs[i] = _with_hidden(args, kwargs, out)
                     outputs.append(out)
                 if on_block is not None:
-                    on_block(idx, [a[0] if a else k["hidden_states"] for a, k in inputs], outputs)
-                inputs = new_inputs
+                    on_block(idx, entering, outputs)
             drop_dense_copies(block)  # this block is done: keep only its packed codes
             if state is not None:
                 state.save(idx, block, block_name, outputs)

@@ -80,6 +80,28 @@ def release_freed_memory() -> None:
     A block's tensors are mostly below glibc's mmap threshold, so they live in the heap, and glibc keeps freed heap
     pages: without this the process's resident size grows block after block although nothing is live. No-op where
     the C library has no ``malloc_trim`` (musl, macOS, Windows)."""
+    libc = _c_library()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def return_large_frees_at_once() -> None:
+    """Have glibc serve allocations of 1 MiB and more with their own mappings, which go back to the OS when freed.
+
+    Why: glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); after that a block's
+    activations and solver temporaries come from the heap and stay resident once freed. Streaming exists to bound
+    memory, so it pins the threshold (SmolLM2, GPTQ: about 40 MB lower peak in a profile). Process-wide, as every
+    ``mallopt``; a no-op off glibc."""
+    libc = _c_library()
+    if libc and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_libc = None
+
+
+def _c_library():
     import ctypes
     import ctypes.util
 
@@ -90,11 +112,7 @@ def release_freed_memory() -> None:
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
+    return _libc
 
 
 def quantize_streaming(model: str | os.PathLike, config: HfcConfig, out_dir: str | os.PathLike, calibration=None,
@@ -114,6 +132,7 @@ def quantize_streaming(model: str | os.PathLike, config: HfcConfig, out_dir: str
         raise TypeError(f"config must be an hf-compress config (e.g. GPTQConfig), got {type(config).__name__}")
     folder = resolve_checkpoint_folder(model)
     source = SafetensorsSource(folder)
+    return_large_frees_at_once()
     model_config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
