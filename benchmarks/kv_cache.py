@@ -150,7 +150,7 @@ def setup_cskv(row, model, tok):
         # Training does not depend on the latent width: train once per reduction, reuse the A/B weights.
         from safetensors.torch import load_file, save_file
 
-        weights, meta = CACHE / f"cskv-{parts[1]}-trained.safetensors", CACHE / f"cskv-{parts[1]}-trained.json"
+        weights, meta = CACHE / f"cskv-{parts[1]}-A_B.safetensors", CACHE / f"cskv-{parts[1]}-A_B-losses.json"
         if weights.exists():
             cskv.load_state_dict(load_file(weights), strict=False)
             info["train_loss_first_last"] = json.loads(meta.read_text())
@@ -281,7 +281,7 @@ def write_results(args) -> None:
               f"rows interleaved, median of {args.speed_repeats}; ratio to DynamicCache fp32):", "",
               "| cache | tokens/s | × DynamicCache |", "|---|---|---|"]
     base = speed.get("dynamic-fp32", {}).get("tokens_per_s")
-    for row in SPEED_ROWS:
+    for row in dict.fromkeys([*SPEED_ROWS, *speed]):
         s = speed.get(row)
         if s is None:
             lines.append(f"| {ROWS[row]} | not measured | |")
