@@ -231,3 +231,38 @@ def test_qat_command_trains_and_saves_a_native_packed_checkpoint(tmp_path, capsy
     assert quant.quant_method == "hfc_ti_qat" and quant.training["intervention_steps"] == 2
     assert isinstance(model.model.layers[1].self_attn.o_proj, PackedLinear)
     assert torch.isfinite(_logits(model)).all()
+
+
+def tiny_bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("point", ["output", "context", "map"])
+def test_encoder_path_on_a_tiny_bert_classifier(point, tmp_path):
+    """The paper's setting: a BERT encoder with a task head; padding masked; interventions exact; export exact."""
+    teacher = tiny_bert_classifier()
+    excluded = {"map": "intermediate|output|value", "context": "intermediate|output", "output": "intermediate|output\\.dense$"}
+    student = prepare_qat(copy.deepcopy(teacher), TIQATConfig(bits=2, group_size=16,
+                                                              modules_to_not_convert=excluded[point]))
+    wrapper = TeacherIntervention(student, teacher)
+    assert wrapper.output_modules == ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.attention.output.dense"]
+    mask = torch.ones_like(IDS)
+    mask[1, 8:] = 0
+    wrapper.point = point
+    out = wrapper(input_ids=IDS, attention_mask=mask)
+    with torch.no_grad():
+        expected = teacher(IDS, attention_mask=mask).logits
+    err = (out["logits"] - expected).abs().max()
+    wrapper.point = None
+    plain_err = (wrapper(input_ids=IDS, attention_mask=mask)["logits"] - expected).abs().max()
+    assert err < 1e-7 and plain_err > 50 * err  # (a random tiny classifier's logits are ~0.01)
+    wrapper.close()
+    with torch.no_grad():
+        before = student(IDS, attention_mask=mask).logits
+        export_packed(student)
+        assert torch.equal(student(IDS, attention_mask=mask).logits, before)

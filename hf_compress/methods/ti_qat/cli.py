@@ -17,7 +17,8 @@ from hf_compress.cli.training import (add_dataclass_args, add_training_args, as_
                                       check_training_args, dataclass_from_args, training_arguments, training_windows)
 
 _KD_RENAME = {"logits": "kd_logits", "hidden": "kd_hidden", "attention": "kd_attention",
-              "attention_output": "kd_attention_output", "label": "kd_label", "temperature": "kd_temperature"}
+              "attention_output": "kd_attention_output", "label": "kd_label", "temperature": "kd_temperature",
+              "relative": "kd_relative"}
 
 
 def add_command(sub) -> None:

@@ -271,10 +271,11 @@ class TeacherIntervention(nn.Module):
             self._teacher_run = None
         mask = attention_mask if attention_mask is not None and s.logits.dim() == 3 else None
         terms = {"logits": soft_cross_entropy(s.logits, t.logits, mask, w.temperature) if w.logits else None,
-                 "hidden": hidden_mse(s.hidden_states, t.hidden_states, attention_mask) if w.hidden else None,
+                 "hidden": hidden_mse(s.hidden_states, t.hidden_states, attention_mask, w.relative) if w.hidden else None,
                  "attention": attention_mse(s.attentions, t.attentions, attention_mask) if w.attention else None,
-                 "attention_output": sum(((run.own_outputs[n].float() - io[1].float()) ** 2).mean()
-                                         for n, io in run.teacher_io.items()) if w.attention_output else None,
+                 "attention_output": hidden_mse([run.own_outputs[n] for n in run.teacher_io],
+                                                [io[1] for io in run.teacher_io.values()], attention_mask,
+                                                w.relative) if w.attention_output else None,
                  "label": s.loss if w.label else None}
         loss = sum(getattr(w, k) * v for k, v in terms.items() if v is not None)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items() if v is not None}

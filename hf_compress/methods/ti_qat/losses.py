@@ -19,9 +19,18 @@ def soft_cross_entropy(student_logits, teacher_logits, mask=None, temperature: f
     return _masked_mean(ce, mask)
 
 
-def hidden_mse(student_states, teacher_states, mask=None) -> torch.Tensor:
-    """Σ over layers of the per-token MSE between hidden states ``[batch, seq, dim]``."""
-    return sum(_masked_mean(((s.float() - t.float()) ** 2).mean(-1), mask) for s, t in zip(student_states, teacher_states))
+def hidden_mse(student_states, teacher_states, mask=None, relative: bool = True) -> torch.Tensor:
+    """Σ over layers of the per-token MSE between hidden states ``[batch, seq, dim]``.
+
+    ``relative`` divides each layer's MSE by the teacher's mean square there. BERT's hidden states are layer-normed,
+    so the paper's plain MSE is well scaled; a pre-norm decoder's residual stream is not (SmolLM2's grows to
+    hundreds with outlier channels, and plain MSE at 2 bits is ~1e5 against a logit term of ~5), so the deep layers
+    would swamp every other term."""
+    total = 0.0
+    for s, t in zip(student_states, teacher_states):
+        err = _masked_mean(((s.float() - t.float()) ** 2).mean(-1), mask)
+        total = total + (err / _masked_mean((t.float() ** 2).mean(-1), mask).clamp(min=1e-12) if relative else err)
+    return total
 
 
 def attention_mse(student_maps, teacher_maps, mask=None) -> torch.Tensor:
@@ -47,6 +56,8 @@ class DistillationLoss:
         hidden: MSE of every hidden state (embeddings and each block's output).
         attention: MSE of every attention map.
         attention_output: MSE of every attention block's output (the output projection's output).
+        relative: divide each hidden-state and attention-output MSE by the teacher's mean square there (see
+            :func:`hidden_mse`; False is the paper's plain MSE).
         label: ordinary cross-entropy against the labels (0: off, as in the paper).
         temperature: softmax temperature of the logit term.
     """
@@ -57,12 +68,17 @@ class DistillationLoss:
     attention_output: float = 1.0
     label: float = 0.0
     temperature: float = 1.0
+    relative: bool = True
 
     def __post_init__(self):
         for name, value in asdict(self).items():
+            if name == "relative":
+                if not isinstance(value, bool):
+                    raise TypeError(f"relative must be a bool, got {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"distillation weight {name} must be a non-negative number, got {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not any(v for k, v in asdict(self).items() if k != "temperature"):
+        if not any(v for k, v in asdict(self).items() if k not in ("temperature", "relative")):
             raise ValueError("every distillation weight is 0: nothing to train on")
