@@ -267,7 +267,7 @@ def write_results(args) -> None:
     for row, label in ROWS.items():
         r = rows.get(row)
         if r is None:
-            lines.append(f"| {label} | not measured | | | | | |")
+            lines.append(f"| {label} | not measured | | | | | {unmeasured_plan_note(row)} |")
             continue
         delta = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f} %" if ref else ""
         saving = f"{100 * (1 - r['cache_bytes'] / bf16['cache_bytes']):.1f} % less" if bf16 else ""
@@ -295,6 +295,24 @@ def write_results(args) -> None:
     write_section(TITLE, "\n".join(lines))
 
 
+def unmeasured_plan_note(row: str) -> str:
+    """For a KVTuner row that did not run: its plan (searching is cheap once the error table exists), and the
+    uniform row it coincides with, if any."""
+    if not row.startswith("kvtuner-") or row.endswith("nsga2") or not (CACHE / "kvtuner_errors.json").exists():
+        return ""
+    import torch
+
+    from hf_compress.kv_cache.quantizer import pair_name
+    from hf_compress.methods.kvtuner import knapsack_search, parse_pairs
+
+    pairs = parse_pairs(PAIRS)
+    errors = torch.tensor(json.loads((CACHE / "kvtuner_errors.json").read_text()))
+    names = [pair_name(*pairs[j]) for j in knapsack_search(errors, pairs, float(row.split("-")[1]))]
+    if len(set(names)) == 1:
+        return f"searched plan = uniform {names[0]} in every layer: the same cache as the uniform {names[0]} row"
+    return "plan: " + " ".join(names)
+
+
 def goals(rows, speed) -> str:
     out = ["Goals:"]
     ref, bf16 = rows.get("dynamic-fp32"), rows.get("dynamic-bf16")
@@ -302,7 +320,8 @@ def goals(rows, speed) -> str:
     if ref and k3:
         d = 100 * (k3["ppl"] / ref["ppl"] - 1)
         out.append(f"- KVTuner ≤ 3.0 bits within +1 % of the 16-bit cache: {d:+.2f} % → {'met' if d <= 1 else 'not met'}"
-                   + (f"; vs uniform K4V2 at equal nominal bits: {k3['ppl']:.3f} vs {uni['ppl']:.3f} → "
+                   + (f"; vs uniform K4V2 at equal nominal bits ({k3['cache_bytes'] / 2**20:.2f} vs "
+                      f"{uni['cache_bytes'] / 2**20:.2f} MiB): {k3['ppl']:.3f} vs {uni['ppl']:.3f} → "
                       f"{'better' if k3['ppl'] < uni['ppl'] else 'not better'}" if uni else ""))
     else:
         out.append("- KVTuner ≤ 3.0 bits within +1 %: not measured")
