@@ -266,3 +266,23 @@ def test_encoder_path_on_a_tiny_bert_classifier(point, tmp_path):
         before = student(IDS, attention_mask=mask).logits
         export_packed(student)
         assert torch.equal(student(IDS, attention_mask=mask).logits, before)
+
+
+@pytest.mark.parametrize("point", ["output", "context", "map"])
+def test_gradient_checkpointing_recomputes_the_intervened_forward(point):
+    """Checkpointed blocks rerun during backward; they must substitute the same teacher signals, else the gradients
+    belong to a different forward (torch's checks compare shapes, not values)."""
+    teacher = tiny_llama()
+    grads = []
+    for checkpointing in (False, True):
+        student = _student(tiny_llama(), learn_scales=True).train()
+        if checkpointing:
+            student.gradient_checkpointing_enable()
+        wrapper = TeacherIntervention(student, teacher)
+        wrapper.point = point
+        wrapper(input_ids=IDS, attention_mask=torch.ones_like(IDS))["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        wrapper.close()
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-4), name

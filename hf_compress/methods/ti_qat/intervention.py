@@ -18,9 +18,9 @@ outside its module tree (not trained, not saved in checkpoints, not moved by the
 
 from __future__ import annotations
 
-import contextvars
 import re
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,10 @@ POINTS = ("output", "context", "map")
 ATTENTION_NAME = "hfc_ti"  # the attention implementation the student runs under (eager math, map replaceable)
 # the linear that turns the attention context into the block's output, across the common architectures
 DEFAULT_OUTPUT_MODULE = r"(self_attn\.o_proj|attention\.output\.dense|attn\.c_proj|self_attention\.dense|attn\.out_proj)$"
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("hfc_ti_active", default=None)
+# wrappers whose hooks are installed. The current batch's run stays on its wrapper until the next batch (not just for
+# the forward call): gradient checkpointing recomputes the student's blocks during backward, and the recomputation
+# must substitute the same teacher signals or the gradients belong to a different forward.
+_INSTALLED: "weakref.WeakSet[TeacherIntervention]" = weakref.WeakSet()
 
 
 @dataclass
@@ -121,11 +124,13 @@ def _eager_of(module):
 
 
 def ti_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """The model's own eager attention; while a :class:`TeacherIntervention` runs its student, it may substitute the
-    teacher's map (see ``_Run.attention``)."""
+    """The model's own eager attention; in the student of an installed :class:`TeacherIntervention` it may substitute
+    the teacher's map (see ``_Run.attention``); everywhere else (the teacher too) it is plain eager attention."""
     out, probs = _eager_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
-    run = _ACTIVE.get()
-    return (out, probs) if run is None else run.attention(module, value, out, probs)
+    for wrapper in list(_INSTALLED):
+        if wrapper._run is not None and id(module) in wrapper._student_ids:
+            return wrapper._run.attention(module, value, out, probs)
+    return out, probs
 
 
 def register_attention() -> None:
@@ -195,6 +200,8 @@ class TeacherIntervention(nn.Module):
         self._attn_before = None
         self._index: dict[int, int] = {}  # attention module -> layer, in call order (the teacher's map order)
         self._teacher_run: dict | None = None
+        self._run: _Run | None = None
+        self._student_ids = {id(m) for m in student.modules()}
         self.last_terms: dict[str, float] = {}
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class TeacherIntervention(nn.Module):
         if self._hooks:
             return
         register_attention()
+        _INSTALLED.add(self)
         self._attn_before = self.student.config._attn_implementation
         _set_attention(self.student, ATTENTION_NAME)
         # the teacher too (eager math: no run is active while it computes), so a config the two share stays right
@@ -218,6 +226,8 @@ class TeacherIntervention(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        _INSTALLED.discard(self)
+        self._run = None
         if self._attn_before is not None:
             _set_attention(self.teacher, self._teacher_attn_before)
             _set_attention(self.student, self._attn_before)
@@ -233,14 +243,14 @@ class TeacherIntervention(nn.Module):
 
     def _context_hook(self, name):
         def hook(module, args):
-            run = _ACTIVE.get()
+            run = self._run
             if run is not None and run.point == "context":
                 return (run.teacher_io[name][0].to(args[0].dtype),) + tuple(args[1:])
         return hook
 
     def _output_hook(self, name):
         def hook(module, args, output):
-            run = _ACTIVE.get()
+            run = self._run
             if run is None:
                 return None
             run.own_outputs[name] = output
@@ -261,14 +271,10 @@ class TeacherIntervention(nn.Module):
         self._teacher_run = {}
         with torch.no_grad():
             t = self.teacher(**inputs, output_hidden_states=w.hidden > 0, output_attentions=need_maps)
-        run = _Run(self.point, t.attentions if need_maps else None, self._teacher_run, self._index)
-        token = _ACTIVE.set(run)
-        try:
-            s = self.student(**inputs, labels=labels if w.label > 0 else None,
-                             output_hidden_states=w.hidden > 0, output_attentions=w.attention > 0)
-        finally:
-            _ACTIVE.reset(token)
-            self._teacher_run = None
+        run = self._run = _Run(self.point, t.attentions if need_maps else None, self._teacher_run, self._index)
+        self._teacher_run = None
+        s = self.student(**inputs, labels=labels if w.label > 0 else None,
+                         output_hidden_states=w.hidden > 0, output_attentions=w.attention > 0)
         mask = attention_mask if attention_mask is not None and s.logits.dim() == 3 else None
         terms = {"logits": soft_cross_entropy(s.logits, t.logits, mask, w.temperature) if w.logits else None,
                  "hidden": hidden_mse(s.hidden_states, t.hidden_states, attention_mask, w.relative) if w.hidden else None,
