@@ -187,6 +187,7 @@ def test_save_and_resume_mid_schedule_continues_identically(tmp_path):
     resumed = _trainer(TeacherIntervention(student_b, teacher, config), tmp_path / "b", 6, [callback])
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert callback.history == [(3, "map"), (4, None)]
+    assert all("kd_logits" in h for h in resumed.state.log_history if "loss" in h)  # the curve survives a resume
     a, b = _losses(full), _losses(resumed)
     assert set(b) == set(a) == {1, 2, 3, 4, 5, 6} and all(a[s] == b[s] for s in b)  # 1-3 restored, 4-6 rerun
     for (k, va), vb in zip(student_a.state_dict().items(), student_b.state_dict().values()):
@@ -286,3 +287,15 @@ def test_gradient_checkpointing_recomputes_the_intervened_forward(point):
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("kw", [dict(bits=3), dict(bits=2, sym=True, ternary=True)], ids=["3bit", "ternary"])
+def test_quantize_with_the_config_stores_the_zero_step_qat_model(kw):
+    """``quantize(model, TIQATConfig)`` (``hf-compress quantize --method ti-qat``) is QAT after zero steps."""
+    from hf_compress import quantize
+
+    packed = quantize(tiny_llama(), TIQATConfig(group_size=16, **kw), progress=False)
+    exported = export_packed(_student(tiny_llama(), **kw))
+    assert torch.equal(_logits(packed), _logits(exported))
+    if kw.get("ternary"):
+        assert set(packed.model.layers[0].self_attn.q_proj.codes().unique().tolist()) == {1, 2, 3}

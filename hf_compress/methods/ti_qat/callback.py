@@ -41,8 +41,14 @@ class TeacherInterventionCallback(TrainerCallback):
         model.point = point
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is not None and model is not None and getattr(model, "last_terms", None):
-            logs.update({f"kd_{k}": round(v, 6) for k, v in model.last_terms.items()})
+        # the last batch's terms (per step when logging_steps=1); also into the entry the Trainer just appended to
+        # log_history, which is what trainer_state.json keeps, so a resumed run still has the whole curve
+        if logs is None or "loss" not in logs or not getattr(model, "last_terms", None):
+            return
+        terms = {f"kd_{k}": round(v, 6) for k, v in model.last_terms.items()}
+        logs.update(terms)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(terms)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._wrapper(model).close()
