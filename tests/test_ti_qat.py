@@ -109,6 +109,9 @@ def test_start_from_a_packed_checkpoint_reproduces_it():
     assert len(fake_quant_modules(packed)) == 14 and not getattr(packed, "is_quantized", False)
     assert packed.hfc_qat_config.init == "packed"
     assert torch.equal(_logits(packed), expected)
+    other = quantize(tiny_llama(), RTNConfig(bits=4, group_size=32), progress=False)
+    with pytest.raises(ValueError, match="keeps the checkpoint's grid"):
+        prepare_qat(other, TIQATConfig(bits=3, group_size=32))
 
 
 # -- Teacher Intervention -------------------------------------------------------------------------------------------

@@ -21,13 +21,17 @@ def prepare_qat(model: nn.Module, config: TIQATConfig) -> nn.Module:
     if not isinstance(config, TIQATConfig):
         raise TypeError(f"config must be a TIQATConfig, got {type(config).__name__}")
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    spec = config.default_spec()
     if packed:
         names = list(packed)
         config.init = "packed"
+        other = sorted({str(m.spec.to_dict()) for m in packed.values() if m.spec != spec})
+        if other:
+            raise ValueError(f"the packed model stores {', '.join(other)}, the config asks for {spec.to_dict()}: "
+                             "QAT keeps the checkpoint's grid, so pass the same bits/group_size/sym")
     else:
         config.check_model(model)
         names = config.planned_module_names(model)
-    spec = config.default_spec()
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, PackedLinear):

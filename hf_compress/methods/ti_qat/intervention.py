@@ -175,7 +175,9 @@ class TeacherIntervention(nn.Module):
         loss: :class:`DistillationLoss` (term weights).
 
     ``point`` (``None``, ``"output"``, ``"context"`` or ``"map"``) is set by :class:`TeacherInterventionCallback`
-    before every optimizer step. :meth:`close` removes every hook and restores the student's attention
+    before every optimizer step. A batch's substitutions stay in force until the next batch (gradient checkpointing
+    recomputes the student's forward during backward), so call the student on its own only after :meth:`close`
+    (the callback calls it when training ends), which removes every hook and restores the student's attention
     implementation: the student is then the plain model again.
     """
 
@@ -212,7 +214,8 @@ class TeacherIntervention(nn.Module):
         _INSTALLED.add(self)
         self._attn_before = self.student.config._attn_implementation
         _set_attention(self.student, ATTENTION_NAME)
-        # the teacher too (eager math: no run is active while it computes), so a config the two share stays right
+        # the teacher too (plain eager math: substitutions only touch the student's modules), so a config the two
+        # share stays right
         self._teacher_attn_before = self.teacher.config._attn_implementation
         _set_attention(self.teacher, ATTENTION_NAME)
         for name in self.output_modules:
