@@ -174,7 +174,7 @@ def write_results(results: dict, command: str) -> None:
         lines += ["", f"Not measured: {', '.join(f'`{r}`' for r in missing)}. The comparison needs four training runs "
                   "of thousands of steps with a bf16 teacher and an fp32 student of 135M parameters plus AdamW state; "
                   "the session that built this had 2 CPU cores shared with several other benchmarks (its smoke run took "
-                  "~140 s per step at batch 1 × 32 tokens under that load, against the ~10⁴ steps × 1 k tokens the rows "
+                  "2–3 minutes per step at batch 1 × 32 tokens under that load, against the ~10⁴ steps × 1 k tokens the rows "
                   "need), so it ran only that smoke run (`--smoke --row ti:2`: 3 steps, 1 eval window, separate "
                   "cache), which checks the script end to end (training, Trainer checkpoints, export, perplexity) and "
                   "measures nothing. The MiniLM (encoder, task metric) half of the benchmark is not built; the encoder "
