@@ -259,8 +259,12 @@ def write_results(args) -> None:
              "bytes: what the cache object really holds after the last token of a window (packed codes, float16 "
              "scales/zeros, the full-precision window; for CSKV the latents plus the window). Δ ppl is against "
              "DynamicCache fp32; memory saving against DynamicCache bf16 (the serving baseline). Group 32, a "
-             "32-token full-precision window everywhere. KVTuner plans are searched on 8 × 512 tokens of "
-             "WikiText-2 validation (attention-output error per layer and pair).",
+             "32-token full-precision window everywhere (transformers' QuantizedCache: its default axes, "
+             "`axis_key=axis_value=0`, `q_group_size=32`, `residual_length=32`). KVTuner plans are searched on "
+             "8 × 512 tokens of WikiText-2 validation (attention-output error per layer and pair). CSKV: ranks "
+             "rounded to multiples of 8, ASVD α = 0.5 on the same calibration windows; training = 200 Adam steps "
+             "(lr 1e-3, 2048-token minibatches) per layer on 16 × 512 validation tokens. Rows marked \"not "
+             "measured\" did not finish within the session (about 10 minutes per 1024-token window on this machine).",
              "",
              "| cache | ppl | Δ ppl vs fp32 | cache bytes | vs bf16 | avg bits (nominal) | notes |",
              "|---|---|---|---|---|---|---|"]
@@ -270,7 +274,8 @@ def write_results(args) -> None:
             lines.append(f"| {label} | not measured | | | | | {unmeasured_plan_note(row)} |")
             continue
         delta = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f} %" if ref else ""
-        saving = f"{100 * (1 - r['cache_bytes'] / bf16['cache_bytes']):.1f} % less" if bf16 else ""
+        ratio = r["cache_bytes"] / bf16["cache_bytes"] if bf16 else None
+        saving = "" if ratio is None else f"{100 * (1 - ratio):.1f} % less" if ratio < 1 else f"{ratio:.2f}×"
         bits = r.get("avg_bits", "")
         notes = " ".join(r.get("plan", [])) if "plan" in r else ""
         if "rank_k" in r:
@@ -278,7 +283,10 @@ def write_results(args) -> None:
         lines.append(f"| {label} | {r['ppl']:.3f} | {delta} | {r['cache_bytes'] / 2**20:.2f} MiB | {saving} | "
                      f"{bits if bits == '' else f'{bits:.2f}'} | {notes} |")
     lines += ["", f"Decode speed (tokens/s, batch 1, {args.speed_steps} steps after a {args.tokens}-token prefill, "
-              f"rows interleaved, median of {args.speed_repeats}; ratio to DynamicCache fp32):", "",
+              f"rows interleaved, median of {args.speed_repeats}; ratio to DynamicCache fp32). The 2 cores were shared "
+              "with other jobs (load average about 10), which is why DynamicCache decodes at only a few tokens/s; "
+              "the ratios are the result, the absolute numbers are not. Our caches dequantize their stored part in "
+              "plain torch at every step (no fused kernel):", "",
               "| cache | tokens/s | × DynamicCache |", "|---|---|---|"]
     base = speed.get("dynamic-fp32", {}).get("tokens_per_s")
     for row in dict.fromkeys([*SPEED_ROWS, *speed]):
