@@ -144,8 +144,8 @@ def tokenize_text(text: str, tokenizer, piece_chars: int = 1 << 16) -> torch.Ten
     pieces of about ``piece_chars`` characters.
 
     Why pieces: one call over a long text holds the tokenizer's per-character alignment tables for all of it at once
-    (WikiText-2's validation text, 1.1 M characters: about 140 MB at the peak, measured) — more than a small model's
-    decoder block, so it set the peak of streamed quantization. The text is cut only at a line start, and only where
+    (WikiText-2's validation text is 1.1 M characters), a transient that grows with the text and that streamed
+    quantization, which bounds everything else, would otherwise pay. The text is cut only at a line start, and only where
     tokenizing a margin around the cut whole and in two parts gives the same ids; a cut that fails the check moves to
     the next line start. A tokenizer that fails it again and again (one that marks the start of every text, say)
     gets the whole text in one call."""

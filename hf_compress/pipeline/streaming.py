@@ -90,7 +90,7 @@ def return_large_frees_at_once() -> None:
 
     Why: glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); after that a block's
     activations and solver temporaries come from the heap and stay resident once freed. Streaming exists to bound
-    memory, so it pins the threshold (SmolLM2, GPTQ: about 40 MB lower peak in a profile). Process-wide, as every
+    memory, so it pins the threshold. Process-wide, as every
     ``mallopt``; a no-op off glibc."""
     libc = _c_library()
     if libc and hasattr(libc, "mallopt"):
