@@ -38,6 +38,11 @@ _LAZY = {
     "confidence_exit_loops": "early_exit",
     "early_exit_generate": "early_exit",
     "simulate_throughput": "early_exit",
+    "LoopExitHead": "exit_head",
+    "layerwise_exit_loss": "exit_head",
+    "exit_decode_step": "exit_head",
+    "exit_generate": "exit_head",
+    "teacher_forced_exits": "exit_head",
     "RecursiveUptrainer": "uptraining",
     "forward_kl": "uptraining",
 }
