@@ -1,4 +1,5 @@
-"""LISA: what trains in each interval, bounded optimizer state, schedule determinism and Trainer resume."""
+"""LISA: what trains in each interval, bounded optimizer state, schedule determinism and Trainer resume — each
+through the bare callback / schedule on a plain model and through the PEFT method (``mode="peft"``)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def layer_list(model):
     return model.model.layers if hasattr(model, "model") else model.transformer.h
 
 
+def lisa_model(model, mode, **settings):
+    """(model to train, LisaCallback): the bare callback configured by ``settings`` on the plain ``model``, or
+    ``get_peft_model(model, LisaConfig(**settings))`` and the argument-free callback that drives it."""
+    if mode == "bare":
+        return model, LisaCallback(**settings)
+    from peft import get_peft_model
+
+    return get_peft_model(model, LisaConfig(**settings)), LisaCallback()
+
+
+def plain(model):
+    """The transformers model inside a PEFT model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class Recorder:
     """Snapshots the weights at every interval start (after LISA switched layers) and the optimizer state size."""
 
@@ -65,7 +81,7 @@ class Recorder:
 
 
 def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in plain(model).named_parameters()}
 
 
 def changed(before, after):
@@ -83,13 +99,16 @@ def train(model, out_dir, callbacks, steps, resume_from_checkpoint=None, **kwarg
     return trainer
 
 
+@pytest.mark.parametrize("mode", ["bare", "peft"])
 @pytest.mark.parametrize("build,accumulation", [(llama, 1), (gpt2, 2)], ids=["llama", "gpt2-accumulate2"])
-def test_only_embeddings_head_and_sampled_layers_change(build, accumulation, tmp_path):
+def test_only_embeddings_head_and_sampled_layers_change(build, accumulation, mode, tmp_path):
     """Per interval, the changed decoder layers are exactly the sampled ones — including layers first picked in a
-    later interval (the classic bug: freezing before the Trainer builds its optimizer leaves them untrained)."""
-    model, K, steps = build(), 2, 8
-    lisa, rec = LisaCallback(num_active_layers=2, interval_steps=K, seed=3), Recorder(K)
-    train(model, tmp_path, [lisa, rec], steps, gradient_accumulation_steps=accumulation)
+    later interval (the classic bug: freezing before the Trainer builds its optimizer leaves them untrained). The PEFT
+    model is frozen to E + H + γ layers when made; its callback reopens the rest while the Trainer builds the optimizer."""
+    K, steps = 2, 8
+    trained, lisa = lisa_model(build(), mode, num_active_layers=2, interval_steps=K, seed=3)
+    model, rec = plain(trained), Recorder(K)
+    train(trained, tmp_path, [lisa, rec], steps, gradient_accumulation_steps=accumulation)
 
     assert [s for s, _ in lisa.history] == [0, 2, 4, 6]  # once per optimizer step, whatever the accumulation
     prefix = "model.layers." if build is llama else "transformer.h."
@@ -108,7 +127,12 @@ def test_only_embeddings_head_and_sampled_layers_change(build, accumulation, tmp
     for step, keys in enumerate(rec.state_keys):
         active = {p for i in lisa.schedule.layers_for_step(step) for p in layers[i].parameters()}
         assert keys == active | outside, f"optimizer state after step {step}"
-    assert all(p.requires_grad for p in model.parameters()), "on_train_end restores requires_grad"
+    if mode == "bare":
+        assert all(p.requires_grad for p in model.parameters()), "on_train_end restores requires_grad"
+    else:  # the PEFT model keeps its last interval's layers trainable, and knows every layer that trained
+        last = {p for i in lisa.history[-1][1] for p in layers[i].parameters()}
+        assert {p for p in model.parameters() if p.requires_grad} == last | outside
+        assert trained.trained_layers == sorted({i for _, ls in lisa.history for i in ls})
 
 
 def test_switches_and_gradient_checkpointing(tmp_path):
@@ -144,13 +168,22 @@ def test_schedule_is_deterministic_and_covers_every_layer():
     assert [other.layers_for_interval(i) for i in range(200)] != picks
 
 
+@pytest.mark.parametrize("mode", ["bare", "peft"])
 @pytest.mark.parametrize("release", [True, False])
-def test_optimizer_state_bounded_with_release(release):
-    """Plain-loop API: with release the state covers E/H/norm + γ layers at every step; without it, it grows to
-    every layer visited so far (the memory leak of callbacks that only toggle requires_grad)."""
+def test_optimizer_state_bounded_with_release(release, mode):
+    """Plain-loop API (``schedule.apply(step, opt)`` before a step; ``peft_model.step(opt)`` after one): with release
+    the state covers E/H/norm + γ layers at every step; without it, it grows to every layer visited so far (the
+    memory leak of callbacks that only toggle requires_grad)."""
+    settings = dict(num_active_layers=1, interval_steps=2, seed=0, release_state=release)
     model = llama(layers=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = LisaSchedule(model, num_active_layers=1, interval_steps=2, seed=0, release_state=release)
+    if mode == "peft":
+        from peft import get_peft_model
+
+        trained = get_peft_model(model, LisaConfig(**settings))
+        sched = trained.base_model.schedule
+    else:
+        trained, sched = model, LisaSchedule(model, **settings)
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
     layers = layer_list(model)
     outside = set(model.parameters()) - set(layers.parameters())
     per_layer = 2 * sum(p.numel() for p in layers[0].parameters()) + len(list(layers[0].parameters()))
@@ -158,14 +191,18 @@ def test_optimizer_state_bounded_with_release(release):
     batch = torch.randint(0, 64, (2, 10))
     visited, sizes = set(), []
     for step in range(24):
-        sched.apply(step, opt)
-        visited |= set(sched.active_layers)
-        model(input_ids=batch, labels=batch).loss.backward()
+        if mode == "bare":
+            sched.apply(step, opt)
+        active = set(sched.active_layers)
+        visited |= active
+        trained(input_ids=batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
         sizes.append(optimizer_state_numel(opt))
         held = {i for i in range(len(layers)) if any(p in opt.state for p in layers[i].parameters())}
-        assert held == (set(sched.active_layers) if release else visited)
+        assert held == (active if release else visited)
+        if mode == "peft":
+            trained.step(opt)
     assert len(visited) >= 5
     if release:
         assert max(sizes) == base + per_layer
@@ -191,21 +228,26 @@ def test_release_gives_fresh_state_each_interval():
     assert int(opt.state[model.lm_head.weight]["step"]) == 6  # E/H keep theirs
 
 
-def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
-    """Resuming mid-interval (step 3) and at a boundary (step 6) gives the uninterrupted run's layers and weights."""
+@pytest.mark.parametrize("mode", ["bare", "peft"])
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path, mode):
+    """Resuming mid-interval (step 3) and at a boundary (step 6) gives the uninterrupted run's layers and weights.
+    A PEFT run's checkpoints hold the LISA adapter (changed tensors only), which the Trainer loads into a fresh
+    PEFT model of the same base."""
     K, steps = 2, 8
-    full = LisaCallback(num_active_layers=2, interval_steps=K, seed=11)
-    ref = llama()
+    settings = dict(num_active_layers=2, interval_steps=K, seed=11)
+    ref, full = lisa_model(llama(), mode, **settings)
     train(ref, tmp_path / "run", [full], steps, save_strategy="steps", save_steps=3)
     state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["LisaCallback"]
     assert saved["attributes"]["active_layers"] == full.history[1][1] and saved["args"]["interval_steps"] == K
+    if mode == "peft":
+        assert (tmp_path / "run" / "checkpoint-3" / "adapter_model.safetensors").is_file()
     for ckpt in (3, 6):
-        lisa, model = LisaCallback(num_active_layers=2, interval_steps=K, seed=11), llama()
+        model, lisa = lisa_model(llama(), mode, **settings)
         train(model, tmp_path / f"resume{ckpt}", [lisa], steps,
               resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{ckpt}"))
         assert lisa.history == [(ckpt, dict(full.history)[ckpt // K * K])] + [h for h in full.history if h[0] > ckpt]
-        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        for (n, a), b in zip(plain(model).named_parameters(), plain(ref).parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{n} after resuming from step {ckpt}")
 
 

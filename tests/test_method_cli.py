@@ -55,13 +55,13 @@ def _logits(model):
 def test_method_commands_are_registered_with_every_config_field():
     import dataclasses
 
-    from hf_compress.methods.lisa.callback import LisaConfig
+    from hf_compress.methods.lisa.config import LisaSettings  # the flags; LisaConfig adds PEFT's own fields
     from hf_compress.methods.ln_free.schedule import LNRemovalSchedule
 
     parser = build_parser()
     args = parser.parse_args(["lisa", "--out", "o", "--dataset", "d", "--steps", "1"])
     assert args.handler.__module__ == "hf_compress.methods.lisa.cli"
-    assert {f.name for f in dataclasses.fields(LisaConfig)} <= {k.removeprefix("lisa_") for k in vars(args)}
+    assert {f.name for f in dataclasses.fields(LisaSettings)} <= {k.removeprefix("lisa_") for k in vars(args)}
     args = parser.parse_args(["ln-free", "--out", "o", "--dataset", "d", "--steps", "1", "--gap-pos0", "3"])
     assert {f.name for f in dataclasses.fields(LNRemovalSchedule)} <= {k.removeprefix("schedule_") for k in vars(args)}
     assert args.schedule_gap_pos0 == 3 and args.schedule_start == LNRemovalSchedule().start

@@ -1,10 +1,12 @@
 """LISA (Pan et al., arXiv 2403.17919): train the embeddings, the head and γ sampled decoder layers per interval.
 
-Two entry points share one schedule:
+The PEFT method (``get_peft_model(model, LisaConfig(...))``, :mod:`hf_compress.methods.lisa.model`) and the bare
+entry points below share one schedule:
 
-* :class:`LisaCallback` for ``transformers.Trainer``;
-* :class:`LisaSchedule` for a custom (e.g. accelerate) loop: call ``schedule.apply(step, optimizer)`` before the
-  forward pass of every optimizer step.
+* :class:`LisaCallback` for ``transformers.Trainer`` (it drives a LISA PEFT model, or is the whole method on a
+  plain model);
+* :class:`LisaSchedule` for a custom (e.g. accelerate) loop on a plain model: call ``schedule.apply(step,
+  optimizer)`` before the forward pass of every optimizer step (a LISA PEFT model has ``model.step(optimizer)``).
 
 Why this is not just "toggle ``requires_grad``" (``../shared/notes/methods-architecture.md`` §2):
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,53 +41,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_compress.calibration.discovery import decoder_layers
+from hf_compress.methods.lisa.config import LisaConfig, LisaSettings, lisa_settings
 
-__all__ = ["LisaCallback", "LisaConfig", "LisaSchedule", "seed_agreed_across_ranks"]
-
-
-@dataclass
-class LisaConfig:
-    """LISA settings, validated on creation; pass to :meth:`LisaCallback.from_config` or :class:`LisaSchedule`.
-
-    Args:
-        num_active_layers: γ, decoder layers trained per interval (paper: 2 for 7B-class models).
-        interval_steps: K, optimizer steps between two samplings (paper/LMFlow default 20).
-        seed: seeds the layer sampling together with the interval index; ``None`` uses ``TrainingArguments.seed``.
-        train_embeddings: keep the input embeddings (and position embeddings) trainable.
-        train_head: keep the output head trainable (a head tied to the embeddings is one parameter: it trains if
-            either switch is on).
-        train_final_norm: keep every other parameter outside the decoder layers (the final norm) trainable.
-        release_state: drop the optimizer state of the sampled layers at every interval boundary (fresh AdamW state
-            per interval, as in the paper; bounded memory). ``False`` keeps stale moments, as LMFlow's callback does.
-        layers: dotted path of the decoder ``nn.ModuleList`` (e.g. ``"model.layers"``); ``None`` finds the
-            ``ModuleList`` of repeated blocks that holds the most parameters.
-    """
-
-    num_active_layers: int = 2
-    interval_steps: int = 20
-    seed: int | None = None
-    train_embeddings: bool = True
-    train_head: bool = True
-    train_final_norm: bool = True
-    release_state: bool = True
-    layers: str | None = None
-
-    def __post_init__(self):
-        for name in ("num_active_layers", "interval_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"LISA {name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"LISA {name} must be >= 1, got {value}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"LISA seed must be a non-negative int or None, got {self.seed!r}")
-        if self.seed is not None and self.seed >= 2**63:  # DDP ranks exchange it as an int64
-            raise ValueError(f"LISA seed must be below 2**63, got {self.seed}")
-        if self.layers is not None and not isinstance(self.layers, str):
-            raise TypeError(f"LISA layers must be a dotted attribute path such as 'model.layers', got {type(self.layers).__name__}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["LisaCallback", "LisaConfig", "LisaSchedule", "LisaSettings", "seed_agreed_across_ranks"]
 
 
 def _find_layers(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
@@ -117,14 +75,14 @@ class LisaSchedule:
 
     Args:
         model: the model to train; only parameters with ``requires_grad=True`` now are ever made trainable.
-        config: a :class:`LisaConfig`; keyword arguments build one instead.
+        config: a :class:`LisaSettings` or :class:`LisaConfig`; keyword arguments build one instead.
     """
 
-    def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, device: torch.device | str | None = None,
-                 **kwargs):
+    def __init__(self, model: nn.Module, config: LisaSettings | None = None, *,
+                 device: torch.device | str | None = None, **kwargs):
         if config is not None and kwargs:
             raise TypeError("pass either a LisaConfig or keyword arguments, not both")
-        self.config = config if config is not None else LisaConfig(**kwargs)
+        self.config = lisa_settings(config) if config is not None else LisaSettings(**kwargs)
         self.model = model
         self.layers_path, layer_list = _find_layers(model, self.config.layers)
         self.num_layers = len(layer_list)
@@ -235,6 +193,19 @@ class LisaSchedule:
             p.requires_grad_(flag)
         self.interval, self.active_layers = None, []
 
+    def enable_all(self) -> None:
+        """Make every parameter LISA may select trainable, so that an optimizer built now holds them all; the next
+        :meth:`apply` freezes again (and checks that optimizer)."""
+        for p in [p for ps in self.groups.layers for p in ps] + self.groups.always:
+            p.requires_grad_(True)
+        self.interval = None
+
+    def reseed(self, seed: int, device: torch.device | str | None = None) -> None:
+        """Sample with ``seed`` from now on (rank 0's under a process group: a collective); the next :meth:`apply`
+        re-applies in full."""
+        self._seed = seed_agreed_across_ranks(seed, _collective_device(self.model, device))
+        self.interval = None
+
 
 def _collective_device(model: nn.Module, device) -> torch.device:
     """Where a tensor for a collective must live: ``device`` if given, else the model's (NCCL needs CUDA)."""
@@ -306,44 +277,80 @@ def _check_ddp(args) -> None:
 
 
 class LisaCallback(TrainerCallback, ExportableState):
-    """LISA for ``transformers.Trainer``: ``Trainer(..., callbacks=[LisaCallback(num_active_layers=2, interval_steps=20)])``.
+    """LISA for ``transformers.Trainer``: ``Trainer(..., callbacks=[LisaCallback()])``.
 
-    Freezes nothing until ``on_train_begin`` (the Trainer has built its optimizer over all trainable parameters by
-    then), resamples in ``on_step_begin`` (once per optimizer step, so gradient accumulation is handled) and gives
-    every parameter its original ``requires_grad`` back in ``on_train_end``. Gradient checkpointing works;
-    DDP needs ``ddp_find_unused_parameters=True``; DeepSpeed and FSDP are refused.
+    On a LISA PEFT model (``get_peft_model(model, LisaConfig(...))``) it drives that model's schedule and takes its
+    settings from the model's :class:`LisaConfig` (arguments given here must agree with it). On a plain model it is
+    the whole method, configured by its arguments (:class:`LisaSettings` defaults where not given).
 
-    Args: see :class:`LisaConfig`.
+    Nothing stays frozen while the Trainer builds its optimizer (``on_init_end`` makes every selectable parameter of
+    a PEFT model trainable again; a plain model is not frozen before ``on_train_begin``), so the optimizer holds every
+    layer LISA may sample. It samples in ``on_train_begin`` and ``on_step_begin`` (once per optimizer step, so
+    gradient accumulation is handled); on a plain model ``on_train_end`` gives every parameter its original
+    ``requires_grad`` back. Gradient checkpointing works; DDP needs ``ddp_find_unused_parameters=True``; DeepSpeed and
+    FSDP are refused.
+
+    Args: see :class:`LisaSettings`; ``None`` means "not given".
     """
 
-    def __init__(self, num_active_layers: int = 2, interval_steps: int = 20, seed: int | None = None,
-                 train_embeddings: bool = True, train_head: bool = True, train_final_norm: bool = True,
-                 release_state: bool = True, layers: str | None = None):
-        self.config = LisaConfig(num_active_layers, interval_steps, seed, train_embeddings, train_head,
-                                 train_final_norm, release_state, layers)
+    def __init__(self, num_active_layers: int | None = None, interval_steps: int | None = None, seed: int | None = None,
+                 train_embeddings: bool | None = None, train_head: bool | None = None,
+                 train_final_norm: bool | None = None, release_state: bool | None = None, layers: str | None = None):
+        given = dict(num_active_layers=num_active_layers, interval_steps=interval_steps, seed=seed,
+                     train_embeddings=train_embeddings, train_head=train_head, train_final_norm=train_final_norm,
+                     release_state=release_state, layers=layers)
+        self._given = {k: v for k, v in given.items() if v is not None}
+        self.config = LisaSettings(**self._given)
         self.schedule: LisaSchedule | None = None
         self.history: list[tuple[int, list[int]]] = []  # (step, layers) each time the active set was sampled
         self.active_layers: list[int] = []
+        self._tuner = None
 
     @classmethod
-    def from_config(cls, config: LisaConfig) -> LisaCallback:
-        return cls(**config.to_dict())
+    def from_config(cls, config: LisaSettings) -> LisaCallback:
+        """A callback with ``config``'s settings (a :class:`LisaSettings` or a :class:`LisaConfig`)."""
+        return cls(**lisa_settings(config).to_dict())
 
     def state(self) -> dict:
         """Saved in ``trainer_state.json`` (``stateful_callbacks``): the settings and the layers active now."""
         return {"args": self.config.to_dict(), "attributes": {"active_layers": list(self.active_layers)}}
+
+    def _peft_tuner(self, model):
+        """The LISA tuner of a LISA PEFT model (None for a plain model), its settings checked against ours."""
+        from hf_compress.methods.lisa.model import lisa_tuner
+
+        tuner = lisa_tuner(model)
+        if tuner is None:
+            return None
+        settings = lisa_settings(tuner.lisa_config)
+        clash = {k: (v, getattr(settings, k)) for k, v in self._given.items() if getattr(settings, k) != v}
+        if clash:
+            raise ValueError("LisaCallback arguments contradict the model's LisaConfig (" + ", ".join(
+                f"{k}: {a!r} here, {b!r} in the model" for k, (a, b) in clash.items()) + "); pass LisaCallback() "
+                "without arguments to use the model's settings")
+        self.config = settings
+        return tuner
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        tuner = self._peft_tuner(model)
+        if tuner is not None:  # the Trainer builds its optimizer from the parameters that require grad
+            tuner.require_schedule().enable_all()
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _refuse_sharded(args)
         _check_ddp(args)
         if model is None or optimizer is None:
             raise ValueError("LisaCallback needs the Trainer's model and optimizer at on_train_begin")
-        cfg = self.config if self.config.seed is not None else LisaConfig(**{**self.config.to_dict(), "seed": args.seed})
-        self.schedule = LisaSchedule(model, cfg, device=args.device)
+        seed = self.config.seed if self.config.seed is not None else args.seed
+        self._tuner = self._peft_tuner(model)
+        if self._tuner is not None:
+            self.schedule = self._tuner.start_training(seed, device=args.device)
+        else:
+            self.schedule = LisaSchedule(model, LisaSettings(**{**self.config.to_dict(), "seed": seed}), device=args.device)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5 name
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if not cfg.train_embeddings and checkpointing and hasattr(model, "enable_input_require_grads") \
+        if not self.config.train_embeddings and checkpointing and hasattr(model, "enable_input_require_grads") \
                 and not hasattr(model, "_require_grads_hook"):
             # reentrant checkpoints drop gradients of blocks whose inputs do not require grad
             model.enable_input_require_grads()
@@ -353,10 +360,12 @@ class LisaCallback(TrainerCallback, ExportableState):
         self._apply(state.global_step, optimizer)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.schedule is not None:
+        if self.schedule is not None and self._tuner is None:  # a PEFT model keeps its current layers trainable
             self.schedule.restore()
 
     def _apply(self, step: int, optimizer) -> None:
-        if self.schedule.apply(step, optimizer):
+        changed = (self._tuner.apply(step, optimizer) if self._tuner is not None
+                   else self.schedule.apply(step, optimizer))
+        if changed:
             self.active_layers = list(self.schedule.active_layers)
             self.history.append((step, self.active_layers))
