@@ -105,6 +105,9 @@ def main() -> None:
                         help="--part multi: seeded random weights from a config folder and random token windows "
                              "(for a machine the model file cannot reach; the seconds do not depend on the values)")
     parser.add_argument("--fresh", action="store_true", help="--part streaming: measure the in-memory row again")
+    parser.add_argument("--rows", nargs="+", choices=("rtn", "gptq"), default=("rtn", "gptq"),
+                        help="--part larger-than-ram: the runs to measure; with one of them the row is printed and "
+                             "the section is left as it is")
     args = parser.parse_args()
     if args.part != "multi":
         from scale_streaming import larger_than_ram, streaming

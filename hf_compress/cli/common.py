@@ -52,3 +52,19 @@ def check_out(args) -> None:
         raise ValueError(f"--out {args.out} is the input model's folder; choose a new folder for the result")
     check_save_target(args.out, overwrite=args.overwrite)
     check_writable(args.out)
+
+
+def add_calibration_args(p, num_samples: int = 8, seq_len: int = 512) -> None:
+    """``--dataset --num-samples --seq-len --seed``: the calibration text of a command that reads activations."""
+    p.add_argument("--dataset", default=None, help="calibration text file (default: WikiText-2 validation)")
+    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def calibration_from_args(args, tokenizer):
+    """The ``[N, L]`` token windows the flags of :func:`add_calibration_args` describe."""
+    from hf_compress.calibration.data import CalibrationSpec, calibration_batches, default_text_source
+
+    spec = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)
+    return calibration_batches(spec, tokenizer)

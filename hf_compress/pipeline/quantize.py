@@ -103,15 +103,9 @@ def quantize(model: nn.Module, config: HfcConfig, calibration=None, tokenizer=No
         raise ValueError("model is already quantized; load the dense model to quantize it again")
     config.check_model(model)
     start = time.perf_counter()
-    batches = None
-    if config.needs_calibration:
-        spec = config.calibration_spec(calibration)
-        if spec is None:
-            raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
-        if tokenizer is None and not is_pretokenized(spec.source):
-            tokenizer = _tokenizer_for(model, config)
-        batches = shard(calibration_batches(spec, tokenizer))  # this process's windows (all, in one process)
-        check_calibration_fits(model, batches)
+    batches = calibration_windows(model, config, calibration, tokenizer)
+    if batches is not None:
+        batches = shard(batches)  # this process's windows (all, in one process)
     token_weights = config.token_weights()  # validated before the model is touched
     if block_io is not None:
         _check_streamable(model, config, resume_dir)
@@ -240,6 +234,21 @@ def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> None:
                 setattr(module, name, buf.to(dtype))
     if getattr(model, "config", None) is not None:
         model.config.dtype = dtype
+
+
+def calibration_windows(model: nn.Module, config, calibration=None, tokenizer=None) -> torch.Tensor | None:
+    """The ``[N, L]`` calibration token ids ``config`` asks for (``None`` when it needs no data), checked against
+    the model's context length; the tokenizer defaults to the model's own."""
+    if not config.needs_calibration:
+        return None
+    spec = config.calibration_spec(calibration)
+    if spec is None:
+        raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
+    if tokenizer is None and not is_pretokenized(spec.source):
+        tokenizer = _tokenizer_for(model, config)
+    batches = calibration_batches(spec, tokenizer)
+    check_calibration_fits(model, batches)
+    return batches
 
 
 def check_calibration_fits(model: nn.Module, batches: torch.Tensor) -> None:

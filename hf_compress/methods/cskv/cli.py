@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from hf_compress.cli.common import add_model_command
+from hf_compress.cli.common import add_calibration_args, add_model_command
 
 
 def add_command(sub) -> None:
@@ -20,16 +20,12 @@ def add_command(sub) -> None:
     p.add_argument("--window", type=int, default=32, help="newest tokens whose exact K/V are kept")
     p.add_argument("--train-steps", type=int, default=0, help="A/B reconstruction training steps per layer (0: none)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dataset", default=None, help="calibration text file (default: WikiText-2 validation)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_calibration_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> dict:
-    from hf_compress.calibration.data import CalibrationSpec, calibration_batches, default_text_source
-    from hf_compress.cli.common import check_out, load_model_arg
+    from hf_compress.cli.common import calibration_from_args, check_out, load_model_arg
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.methods.cskv.asvd import collect_scales, convert, ranks_for
     from hf_compress.methods.cskv.training import train_reconstruction
@@ -37,8 +33,7 @@ def run(args) -> dict:
     ranks_for(args.reduction, 64)  # fail on a bad reduction before loading anything
     check_out(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
-    spec = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)
-    batches = calibration_batches(spec, tokenizer)
+    batches = calibration_from_args(args, tokenizer)
     cskv = convert(model, reduction=args.reduction, scales=collect_scales(model, batches), window=args.window,
                    latent_bits=args.latent_bits)
     losses = train_reconstruction(cskv, model, batches, args.train_steps, args.lr, seed=args.seed) if args.train_steps else []

@@ -8,7 +8,7 @@ The saved folder loads with plain ``AutoModelForCausalLM.from_pretrained`` and i
 
 from __future__ import annotations
 
-from hf_compress.cli.common import add_model_command
+from hf_compress.cli.common import add_calibration_args, add_model_command
 
 
 def add_command(sub) -> None:
@@ -24,16 +24,12 @@ def add_command(sub) -> None:
     p.add_argument("--n-trials", type=int, default=300, help="NSGA-II trials")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--residual-length", type=int, default=32, help="newest tokens kept in full precision")
-    p.add_argument("--dataset", default=None, help="calibration text file (default: WikiText-2 validation)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_calibration_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> dict:
-    from hf_compress.calibration.data import CalibrationSpec, calibration_batches, default_text_source
-    from hf_compress.cli.common import check_out, load_model_arg
+    from hf_compress.cli.common import calibration_from_args, check_out, load_model_arg
     from hf_compress.integrations.hub import save_pretrained
     from hf_compress.methods.kvtuner.modeling import with_kv_plan
     from hf_compress.methods.kvtuner.tune import check_budget, kv_plan, parse_pairs
@@ -41,8 +37,7 @@ def run(args) -> dict:
     check_budget(args.avg_bits, parse_pairs(args.pairs))  # fail on a typo or an impossible budget before loading
     check_out(args)
     model, tokenizer = load_model_arg(args.model, args.dtype)
-    spec = CalibrationSpec(args.dataset or default_text_source("validation"), args.num_samples, args.seq_len, args.seed)
-    batches = calibration_batches(spec, tokenizer)
+    batches = calibration_from_args(args, tokenizer)
     kwargs = {"n_trials": args.n_trials, "seed": args.seed} if args.search == "nsga2" else {}
     plan = kv_plan(model, batches, args.avg_bits, pairs=args.pairs, search=args.search, group_size=args.group_size,
                    residual_length=args.residual_length, **kwargs)

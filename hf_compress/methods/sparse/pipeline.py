@@ -14,13 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_compress.calibration.data import calibration_batches, is_pretokenized
 from hf_compress.calibration.discovery import set_submodule, weight_matrix
 from hf_compress.calibration.runner import run_sequential
 from hf_compress.formats.linear import PackedLinear
 from hf_compress.formats.sparse import SparseLinear, SparseSpec
-from hf_compress.pipeline.quantize import (_packed_from, _tokenizer_for, _untie_head, attach_quantizer, cast_dense_parts,
-                                           check_calibration_fits)
+from hf_compress.pipeline.quantize import (_packed_from, _untie_head, attach_quantizer, calibration_windows,
+                                           cast_dense_parts)
 
 
 def check_not_compressed(model: nn.Module) -> None:
@@ -37,15 +36,7 @@ def prune(model: nn.Module, config, calibration=None, tokenizer=None, progress: 
     check_not_compressed(model)
     config.check_model(model)
     start = time.perf_counter()
-    batches = None
-    if config.needs_calibration:
-        spec = config.calibration_spec(calibration)
-        if spec is None:
-            raise ValueError(f"{type(config).__name__} needs calibration data: pass `calibration=` or set `dataset=`")
-        if tokenizer is None and not is_pretokenized(spec.source):
-            tokenizer = _tokenizer_for(model, config)
-        batches = calibration_batches(spec, tokenizer)
-        check_calibration_fits(model, batches)
+    batches = calibration_windows(model, config, calibration, tokenizer)
     token_weights = config.token_weights()
     config.prepare_model(model)
     plan = config.resolve_plan(model, batches)
