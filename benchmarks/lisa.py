@@ -1,4 +1,5 @@
-"""Full fine-tuning vs LoRA (r=8, r=64) vs LISA (γ=2, K=20, with and without state release) on SmolLM2-135M.
+"""Full fine-tuning vs LoRA (r=8, r=64) vs LISA (γ=2, K=20, with and without state release; through the bare callback
+and through the PEFT method, which must give the callback's row) on SmolLM2-135M.
 
 Causal-LM fine-tuning on TinyShakespeare (train: the first 90 % of the text, held-out: the last 10 %), seq 128,
 batch 4, the same batches in the same order for every method, constant learning rate, no warmup. Each method
@@ -35,10 +36,11 @@ METHODS = {  # name -> (kind, settings, learning rate); run in this order ("full
     "lisa_keep_state": ("lisa", {"release_state": False}, 5e-5),
     "lora_r64": ("lora", {"r": 64}, 5e-4),
     "lisa_lr5e-4": ("lisa", {"release_state": True}, 5e-4),  # LoRA's learning rate, a one-point check of lr
+    "lisa_peft": ("lisa_peft", {"release_state": True}, 5e-5),  # get_peft_model(LisaConfig): must equal "lisa"
 }
 LABELS = {"full": "full fine-tuning", "lora_r8": "LoRA r=8", "lora_r64": "LoRA r=64",
           "lisa": "LISA γ=2, state released", "lisa_keep_state": "LISA γ=2, state kept",
-          "lisa_lr5e-4": "LISA γ=2, state released, lr 5e-4"}
+          "lisa_lr5e-4": "LISA γ=2, state released, lr 5e-4", "lisa_peft": "LISA γ=2, state released, PEFT method"}
 SEQ, BATCH, EVAL_WINDOWS, GAMMA = 128, 4, 8, 2
 
 
@@ -73,7 +75,7 @@ def run_method(name: str, steps: int, interval: int, eval_every: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_compress.evaluation import current_rss_bytes, peak_rss_bytes
-    from hf_compress.integrations import LisaCallback
+    from hf_compress.methods.lisa import LisaCallback, LisaConfig
     from hf_compress.models import load_model
 
     torch.set_num_threads(int(os.environ.get("HF_COMPRESS_THREADS", "2")))
@@ -91,6 +93,11 @@ def run_method(name: str, steps: int, interval: int, eval_every: int) -> dict:
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     elif kind == "lisa":
         callbacks.append(LisaCallback(num_active_layers=GAMMA, interval_steps=interval, seed=0, **settings))
+    elif kind == "lisa_peft":  # the PEFT method, driven by the argument-free callback
+        from peft import get_peft_model
+
+        model = get_peft_model(model, LisaConfig(num_active_layers=GAMMA, interval_steps=interval, seed=0, **settings))
+        callbacks.append(LisaCallback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     @torch.no_grad()
@@ -144,8 +151,15 @@ def run_method(name: str, steps: int, interval: int, eval_every: int) -> dict:
     t = time.perf_counter()
     trainer.train()
     out["train_s"] = round(time.perf_counter() - t, 1)
-    if kind == "lisa":
+    if kind.startswith("lisa"):
         out["layers"] = callbacks[0].history
+    if kind == "lisa_peft":  # the adapter: the tensors training changed (layers ever sampled + tied embeddings, norm)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            out["adapter_mb"] = round(os.path.getsize(os.path.join(tmp, "adapter_model.safetensors")) / 2**20, 1)
+        out["model_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
     out["s_per_step"] = round(sum(out["step_s"]) / len(out["step_s"]), 2)
     out["model_rss_mb"] = round(model_rss / 2**20)
     out["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
@@ -234,6 +248,14 @@ def write_results(results: dict, steps: int, interval: int, command: str) -> Non
                   + (f"; at LoRA's 5e-4 it reaches {fast['curve'][-1][1]:.4f} at step {fast['curve'][-1][0]} "
                      f"(full fine-tuning {results['full']['curve'][-1][1]:.4f} at 5e-5)" if fast else "")
                   + ". The paper tunes LISA's learning rate and trains for thousands of steps; no wider sweep was run here."]
+    same = [results.get("lisa"), results.get("lisa_peft")]
+    if all(same):
+        equal = same[0]["curve"] == same[1]["curve"] and same[0]["layers"] == same[1]["layers"]
+        lines += ["", "The PEFT method (`get_peft_model(model, LisaConfig(...))` trained with `callbacks=[LisaCallback()]`) "
+                  + ("gives the bare callback's row exactly (same layers, same held-out losses)" if equal else
+                     "DIFFERS from the bare callback's row") + f"; its saved adapter holds {same[1]['adapter_mb']:,} MB "
+                  f"of the model's {same[1]['model_mb']:,} MB (full tensors of the layers ever sampled, the tied "
+                  "embeddings and the final norm)."]
     lines += ["", f"![held-out loss curves]({PLOT.name})", ""]
     write_section(lines[0], "\n".join(lines) + "\n")
 

@@ -59,12 +59,20 @@ class Record(TrainerCallback):
 record, extra = Record(), {}
 common = dict(use_cpu=True, report_to=[], max_steps=__STEPS__, per_device_train_batch_size=per_device,
               learning_rate=__LR__, logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0)
-if method == "lisa":
+if method in ("lisa", "lisa-peft"):
     torch.manual_seed(0)  # tiny_llama's shape, four layers so that the sampling has a choice
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                          max_position_embeddings=256))
-    lisa = LisaCallback(num_active_layers=2, interval_steps=2, seed=None if lisa_seeds is None else lisa_seeds[rank])
+    seed = None if lisa_seeds is None else lisa_seeds[rank]
+    if method == "lisa-peft":  # the PEFT method, driven by the argument-free callback
+        from peft import get_peft_model
+        from hf_compress.methods.lisa import LisaConfig
+
+        model = get_peft_model(model, LisaConfig(num_active_layers=2, interval_steps=2, seed=seed))
+        lisa = LisaCallback()
+    else:
+        lisa = LisaCallback(num_active_layers=2, interval_steps=2, seed=seed)
     callbacks, trainer_cls = [record, lisa], Trainer
     # default ddp_find_unused_parameters (None: True without checkpointing), as a user would leave it
     args = TrainingArguments(out + ".trainer", save_strategy="steps", save_steps=__STEPS__, save_only_model=True,
@@ -77,17 +85,18 @@ else:
     callbacks, trainer_cls, extra = [record], RecursiveUptrainer, {"teacher": original, "distill_weight": 1.0}
     # every parameter is used in every step: DDP can skip the search for unused ones
     args = TrainingArguments(out + ".trainer", save_strategy="no", ddp_find_unused_parameters=False, **common)
+named = model.get_base_model().named_parameters if method == "lisa-peft" else model.named_parameters
 if rank == 0:
-    save_file({n: p.detach().clone().contiguous() for n, p in model.named_parameters()}, out + ".before.safetensors")
+    save_file({n: p.detach().clone().contiguous() for n, p in named()}, out + ".before.safetensors")
 trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=callbacks, **extra)
 trainer.train()
 if method == "relaxed":
     save_relaxed(model, out + ".saved")  # on every rank, as a training script does: only the main process writes
-state = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+state = {n: p.detach().clone().contiguous() for n, p in named()}
 save_file(state, f"{out}.rank{rank}.safetensors")
 report = {"world": world, "args_world": trainer.args.world_size, "state_numel": record.state_numel,
           "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-          "history": lisa.history if method == "lisa" else None}
+          "history": lisa.history if method != "relaxed" else None}
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(report, f)
 '''.replace("__STEPS__", str(STEPS)).replace("__LR__", repr(LR))
@@ -162,6 +171,15 @@ def test_lisa_two_processes_match_one_process(tmp_path, lisa_one_process):
     # the checkpoint (written by rank 0 only) records the layers every rank trained last
     saved = json.loads((tmp_path / "ddp.trainer" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["LisaCallback"]["attributes"]["active_layers"] == ranks[1]["history"][-1][1]
+
+
+def test_lisa_peft_two_processes_match_the_bare_one_process_run(tmp_path, lisa_one_process):
+    """The PEFT path (get_peft_model + LisaCallback()) under torchrun: the bare callback's one-process run, on both
+    ranks; its checkpoint is the adapter, written once."""
+    ranks, _ = train(tmp_path, "peft", "lisa-peft", 2)
+    assert ranks[0]["history"] == ranks[1]["history"] == lisa_one_process["history"]
+    assert_same_training(lisa_one_process, ranks)
+    assert (tmp_path / "peft.trainer" / f"checkpoint-{STEPS}" / "adapter_model.safetensors").is_file()
 
 
 def test_lisa_per_rank_seeds_follow_rank_0(tmp_path, lisa_one_process):

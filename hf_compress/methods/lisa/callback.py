@@ -244,6 +244,17 @@ def seed_agreed_across_ranks(seed: int, device: torch.device | str = "cpu") -> i
     return values[0]
 
 
+def lisa_tuner(model):
+    """The LISA tuner (``hf_compress.methods.lisa.model.LisaModel``) of a PEFT model, which may be wrapped in DDP;
+    None for any other model. Recognised by its config, so that this module need not import the tuner's."""
+    model = getattr(model, "module", model)
+    tuner = getattr(model, "base_model", None)
+    configs = getattr(tuner, "peft_config", None)
+    if isinstance(configs, dict) and any(isinstance(c, LisaConfig) for c in configs.values()) and hasattr(tuner, "schedule"):
+        return tuner
+    return None
+
+
 def optimizer_state_numel(optimizer) -> int:
     """Number of values held in the optimizer's per-parameter state (Adam moments; scalar step counters included)."""
     opt = getattr(optimizer, "optimizer", optimizer)
@@ -317,8 +328,6 @@ class LisaCallback(TrainerCallback, ExportableState):
 
     def _peft_tuner(self, model):
         """The LISA tuner of a LISA PEFT model (None for a plain model), its settings checked against ours."""
-        from hf_compress.methods.lisa.model import lisa_tuner
-
         tuner = lisa_tuner(model)
         if tuner is None:
             return None

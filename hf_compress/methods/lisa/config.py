@@ -4,7 +4,8 @@
 :meth:`LisaCallback.from_config <hf_compress.methods.lisa.callback.LisaCallback.from_config>` and
 :class:`~hf_compress.methods.lisa.callback.LisaSchedule`. PEFT only accepts its own closed enum in
 ``register_peft_method``, so the type is written into PEFT's mappings (``model.register``), as relaxed recursive
-LoRA does.
+LoRA does; ``import hf_compress`` (which importing this module implies) registers it as soon as ``peft`` is
+imported (``integrations.autoload``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,3 @@ class LisaConfig(PeftConfig, LisaSettings):
         super().__post_init__()
         self._validate_settings()
         self.peft_type = LisaPeftType.LISA
-        from hf_compress.methods.lisa.model import register  # get_peft_model works even with the autoload off
-
-        register()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hf_compress.calibration.resume import model_fingerprint
-from hf_compress.methods.lisa.callback import LisaSchedule, _find_layers
+from hf_compress.methods.lisa.callback import LisaSchedule, _find_layers, lisa_tuner
 from hf_compress.methods.lisa.config import LisaConfig, LisaPeftType
 
 __all__ = ["LisaModel", "lisa_tuner", "register"]
@@ -211,13 +211,6 @@ def _check_base(model: nn.Module, config: LisaConfig) -> None:
            "the tensor names or shapes differ — another architecture or size")
         + (f"; it records base_model_name_or_path={config.base_model_name_or_path!r}" if config.base_model_name_or_path
            else ""))
-
-
-def lisa_tuner(model) -> LisaModel | None:
-    """The LISA tuner of a PEFT model (``model`` may be wrapped in DDP), else None."""
-    model = getattr(model, "module", model)
-    tuner = getattr(model, "base_model", None)
-    return tuner if isinstance(tuner, LisaModel) else None
 
 
 def _require_tuner(model) -> LisaModel:
