@@ -4,8 +4,9 @@ and a decoder that really skips the remaining loops of a token that exits.
 DeeDiff (Tang et al., arXiv 2309.17074) attaches an uncertainty estimation module to every exit and trains it with
 a layer-wise loss: each exit's task loss is weighted by (1 − u), and u regresses onto that exit's error. Here the
 error of loop b for a token is whether its argmax differs from the last loop's (the quantity an exit must
-predict: leaving early is harmless when the answer would not change), u_b = σ(w_b·norm(h_b) + c_b) on the
-shared final norm of the hidden state after loop b, and the loss is
+predict: leaving early is harmless when the answer would not change), u_b = σ(w_b·[norm(h_b), max log p_b,
+H(p_b)] + c_b) on the shared final norm of the hidden state after loop b and two features of that loop's exit
+distribution p_b, and the loss is
 
     L = CE_last + Σ_b mean((1 − sg(u_b)) · CE_b) + Σ_b BCE(u_b, 1[argmax_b ≠ argmax_last])
 
@@ -29,22 +30,30 @@ from hf_compress.methods.recursive.early_exit import _unwrap
 
 
 class LoopExitHead(nn.Module):
-    """One linear uncertainty probe per early loop (``num_loops − 1`` of them): ``hidden_size + 1`` params each."""
+    """One linear uncertainty probe per early loop (``num_loops − 1`` of them) on the loop's normed hidden state
+    plus two features of its exit logits (top log-probability and entropy): ``hidden_size + 3`` params each.
+
+    Why the two logit features: a probe on the hidden state alone was measured worse than the plain max-probability
+    rule on the small base (RESULTS.md); with them the probe can learn that rule and correct it."""
 
     def __init__(self, hidden_size: int, num_loops: int):
         super().__init__()
         if num_loops < 2:
             raise ValueError(f"early exit needs at least 2 loops, got {num_loops}")
-        self.probes = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_loops - 1))
+        self.probes = nn.ModuleList(nn.Linear(hidden_size + 2, 1) for _ in range(num_loops - 1))
 
     @classmethod
     def for_model(cls, model) -> LoopExitHead:
         base = _unwrap(model)
         return cls(base.config.hidden_size, base.config.num_loops)
 
-    def forward(self, normed_hidden: torch.Tensor, loop: int) -> torch.Tensor:
+    def forward(self, normed_hidden: torch.Tensor, loop: int, logits: torch.Tensor) -> torch.Tensor:
         """Predicted probability that loop ``loop`` (0-based) disagrees with the last loop, per token."""
-        return torch.sigmoid(self.probes[loop](normed_hidden).squeeze(-1))
+        logp = F.log_softmax(logits.float(), -1)
+        top = logp.amax(-1, keepdim=True)
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        features = torch.cat([normed_hidden, top.to(normed_hidden.dtype), entropy.to(normed_hidden.dtype)], -1)
+        return torch.sigmoid(self.probes[loop](features).squeeze(-1))
 
 
 def loop_hidden_states(model, input_ids: torch.Tensor, **forward_kwargs):
@@ -74,7 +83,7 @@ def layerwise_exit_loss(model, head: LoopExitHead, input_ids: torch.Tensor) -> t
         normed = base.model.norm(hidden)[:, :-1]
         logits = base.lm_head(normed).reshape(-1, out.logits.shape[-1])
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        u = head(normed.detach(), b).reshape(-1)
+        u = head(normed.detach().reshape(-1, normed.shape[-1]), b, logits.detach())
         wrong = (logits.detach().argmax(-1) != final).float()
         bce = F.binary_cross_entropy(u, wrong)
         loss = loss + ((1 - u.detach()) * ce).mean() + bce
@@ -123,7 +132,7 @@ def head_rule(head: LoopExitHead | None, threshold: float):
     """Exit when the learned head's confidence 1 − u_b reaches ``threshold`` (never, with no head)."""
     if head is not None and not 0 < threshold <= 1:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    return lambda b, normed, logits: head is not None and float(1 - head(normed, b)) >= threshold
+    return lambda b, normed, logits: head is not None and float(1 - head(normed, b, logits)) >= threshold
 
 
 def max_prob_rule(threshold: float):
