@@ -67,6 +67,27 @@ def test_custom_loop_step_matches_the_bare_schedule():
     assert peft.trained_layers == trained and len(trained) < 6  # the layers sampled for step 7 never trained
 
 
+def test_training_without_the_callback_or_step_warns_once(monkeypatch):
+    """A forgotten ``callbacks=[LisaCallback()]`` would train the first layers all run long: it is said, once."""
+    from hf_compress.methods.lisa.model import LisaModel
+
+    monkeypatch.setattr(LisaModel, "UNSCHEDULED_FORWARDS_WARNING", 12)  # 256 in use; max(4 × interval, this)
+    model = get_peft_model(llama(), LisaConfig(num_active_layers=2, interval_steps=2, seed=3)).train()
+    batch = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="without resampling") as record:
+        for _ in range(30):
+            model(input_ids=batch)
+    assert len([w for w in record if "without resampling" in str(w.message)]) == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(30):  # step() after every (here: simulated) optimizer step: no warning
+            model(input_ids=batch)
+            model.step()
+    assert not [w for w in seen if "without resampling" in str(w.message)]
+
+
 def test_step_refuses_an_optimizer_without_the_frozen_layers():
     model = get_peft_model(llama(), LisaConfig(num_active_layers=1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # the usual PEFT idiom

@@ -21,6 +21,8 @@ Merging is free (the trained weights are already in place): ``merge_and_unload()
 
 from __future__ import annotations
 
+import warnings
+
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 import torch
@@ -47,12 +49,15 @@ class LisaModel(BaseTuner):
     tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict = {}
 
+    UNSCHEDULED_FORWARDS_WARNING = 256  # training forwards without a resampling before the warning (see forward)
+
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.schedule: LisaSchedule | None = None
         self._sampled: set[int] = set()  # layers active in a training forward of this run
         self._loaded: set[str] = set()  # parameter names held by a loaded adapter
         self._steps = 0
         self._checked = False
+        self._unscheduled_forwards = 0  # training forwards since the schedule last ran (see ``forward``)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # -- PEFT's tuner interface: nothing is wrapped or replaced --------------------------------------------------
@@ -124,6 +129,7 @@ class LisaModel(BaseTuner):
 
     def apply(self, step: int, optimizer=None) -> bool:
         """Activate the layers of optimizer step ``step`` (see ``LisaSchedule.apply``); True when resampled."""
+        self._unscheduled_forwards = 0
         return self.require_schedule().apply(step, optimizer)
 
     def forward(self, *args, **kwargs):
@@ -131,7 +137,17 @@ class LisaModel(BaseTuner):
             # a layer counts as trained once a training forward ran with it active (a layer sampled after the last
             # optimizer step, or under a seed the Trainer then replaced, never trained and is not saved)
             self._sampled.update(self.schedule.active_layers)
+            self._warn_if_never_resampled()
         return self.model(*args, **kwargs)
+
+    def _warn_if_never_resampled(self) -> None:
+        """Training without the callback (or ``step()``) would silently train the first layers for the whole run;
+        after far more forwards than any gradient accumulation between two optimizer steps, say so once."""
+        self._unscheduled_forwards += 1
+        if self._unscheduled_forwards == max(4 * self.lisa_config.interval_steps, self.UNSCHEDULED_FORWARDS_WARNING):
+            warnings.warn(f"LISA: {self._unscheduled_forwards} training forward passes without resampling the layers "
+                          f"(still {self.active_layers}): pass `callbacks=[LisaCallback()]` to Trainer, or call "
+                          "`model.step(optimizer)` after every optimizer step in a custom loop", stacklevel=3)
 
     def step(self, optimizer=None) -> bool:
         """For a custom loop: call after every ``optimizer.step()``. Counts the step and, at an interval boundary,
