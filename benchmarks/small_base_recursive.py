@@ -245,8 +245,10 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
-def exit_lines(r: dict) -> list[str]:
-    lines = ["", f"**Learned early exit** (`exit:T`: Average recursive + layer-wise loss + head, {r['head_params']} "
+def exit_lines(r: dict, probe_only: bool = False) -> list[str]:
+    head = ("hidden-state-only probe (the first head of this session; the head that also reads the exit's top "
+            "log-probability and entropy was not measured: the session's CPU time ran out)" if probe_only else "head")
+    lines = ["", f"**Learned early exit** (`exit:T`: Average recursive + layer-wise loss + {head}, {r['head_params']} "
              f"head parameters; same {r['steps']} steps): final-loop held-out CE {r['heldout']} (pure Average row: "
              "see above), loop-1 CE for every token {}.".format(r.get("loop1_heldout")),
              f"Real exits, token by token over {EXIT_WINDOWS} held-out windows of {SEQ} chars (later tokens attend to "
@@ -264,20 +266,25 @@ def exit_lines(r: dict) -> list[str]:
     lines += ["", f"Synchronous greedy generator (4 prompts of 32 held-out chars, 96 new chars each): no exits "
               f"{g['none']['tokens_per_s']} tokens/s, full-depth NLL of its own output {g['none']['full_depth_nll']}; "
               f"head at 0.8: {g['head-0.8']['tokens_per_s']} tokens/s at {g['head-0.8']['avg_loops']} loops/token, "
-              f"{g['head-0.8']['same_tokens_as_full_depth']:.1%} of the tokens identical to full depth, full-depth NLL of "
-              f"its output {g['head-0.8']['full_depth_nll']}."]
+              f"{g['head-0.8']['same_tokens_as_full_depth']:.1%} of the positions identical to the full-depth text (greedy "
+              f"continuations part at the first different token), full-depth NLL of its output "
+              f"{g['head-0.8']['full_depth_nll']}."]
     heads = [p for p in r["exit_points"] if p["rule"] == "head"]
     probs = [p for p in r["exit_points"] if p["rule"] == "max-prob"]
-    good = [p for p in heads if p["ce"] - base <= 0.02 and p["loop1_share"] >= 0.2]
+    good = sorted((p for p in heads if p["ce"] - base <= 0.02 and p["loop1_share"] >= 0.2),
+                  key=lambda p: -p["loop1_share"])
+    everyone = next(p for p in r["exit_points"] if p["rule"] == "all-loop-1")
     lines.append(f"\nVerdict (a learned exit that sends ≥ 20 % of tokens out after loop 1 for ≤ 0.02 nats): "
                  f"{'holds' if good else 'does not hold'}"
-                 + (f" (threshold {good[-1]['threshold']}: {good[-1]['loop1_share']:.1%} exit, {good[-1]['ce'] - base:+.4f} "
-                    f"nats, depth-wise batching {good[-1]['cdb_speedup']}×)." if good else "."))
+                 + (f" (threshold {good[0]['threshold']}: {good[0]['loop1_share']:.1%} exit, {good[0]['ce'] - base:+.4f} "
+                    f"nats, depth-wise batching {good[0]['cdb_speedup']}×)" if good else "")
+                 + f" — but sending every token out after loop 1 costs only {everyone['ce'] - base:+.4f} nats here: the "
+                 "layer-wise loss makes loop 1 nearly as good as loop 2 on this small base, so the bar is easy to clear.")
     dominated = all(any(h["avg_loops"] <= p["avg_loops"] and h["ce"] <= p["ce"] for h in heads) for p in probs)
     lines.append(f"Learned head vs the untrained max-probability rule: every max-prob point is matched or beaten "
                  f"(≤ loops and ≤ CE) by some head point — {'holds' if dominated else 'does not hold'}.")
     first = CACHE.dir / "exit_T_linear_probe.json"
-    if first.is_file():  # the first head of this session: a probe on the hidden state only (same recipe otherwise)
+    if first.is_file() and not probe_only:  # the first head of this session: a probe on the hidden state only (same recipe otherwise)
         import json
 
         old = json.loads(first.read_text())["exit_points"]
@@ -321,8 +328,12 @@ def write_results(results: dict) -> None:
               "parameters as the whole base — at this width r64 is not a compression, r8 is. The paper's budget is "
               "billions of tokens on billion-parameter models; here the recursive models uptrain on about as many "
               "characters as one quarter-epoch of the pretraining data."]
+    probe = CACHE.dir / "exit_T_linear_probe.json"
     if "exit:T" in results:
         lines += exit_lines(results["exit:T"])
+    elif probe.is_file():
+        results = {**results, "exit:T": json.loads(probe.read_text())}
+        lines += exit_lines(results["exit:T"], probe_only=True)
     write_section(TITLE, "\n".join(lines) + "\n")
     plot(results)
     (CACHE.dir / "all.json").write_text(json.dumps(results))
