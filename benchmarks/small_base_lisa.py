@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
+NOT_RUN = "not run: from 20:32 on, two other jobs at a higher priority held both cores and this session's processes got 1-4 % of a core until its deadline"
 CACHE = RowCache("bench_small_lisa", __file__)
 TITLE = "## LISA vs LoRA vs full fine-tuning on the small Llama base (WikiText-2 domain shift)"
 STEPS = int(os.environ.get("HF_COMPRESS_SMALL_LISA_STEPS", "300"))
@@ -112,7 +113,7 @@ def write_results(results: dict) -> None:
     start = next((r["curve"][0][1] for r in results.values()), None)
     lines = [TITLE, "",
              f"Command: `nice -n 5 python benchmarks/small_base_lisa.py` · {platform.machine()}, {os.cpu_count()} CPU cores "
-             f"(1 thread, shared) · {measured_on(results)}", "",
+             f"(1 thread, shared) · {measured_on(results) if results else 'not run'}", "",
              f"{STEPS} AdamW steps × {BATCH} × {SEQ} = {STEPS * BATCH * SEQ:,} WikiText-2 valid chars per run (same "
              f"batches), warmup {WARMUP} + cosine to 10 %, clip 1.0. Held-out: WikiText-2 test, 64 × 128 chars; the base "
              f"before fine-tuning: {start} (32 windows). LoRA alpha = 2r on all seven Linears; LISA γ = {GAMMA}, K = "
@@ -124,7 +125,7 @@ def write_results(results: dict) -> None:
         r = results.get(row)
         method, lr = row.split("@")
         if r is None:
-            lines.append(f"| {LABELS[method]} | {lr} | not measured (the session's time ran out) | | | | | |")
+            lines.append(f"| {LABELS[method]} | {lr} | not measured (see the note below) | | | | | |")
             continue
         lines.append(f"| {LABELS[method]} | {lr} | {r['heldout']} | {'**best**' if best.get(method) is r else ''} | "
                      f"{r['trainable']:,} | {r['peak_grad_values']:,} | {r['peak_state_values']:,} | {r['s_per_step']} |")
@@ -137,14 +138,15 @@ def write_results(results: dict) -> None:
                          f"peak state {a['peak_state_values']:,}) vs {b['heldout']} (lr {b['lr']}, peak state "
                          f"{b['peak_state_values']:,}) | {'holds' if holds else 'does not hold'} |")
         else:
-            lines.append(f"| LISA matches or beats {LABELS[lora]} | not measured (runs missing) | |")
+            lines.append(f"| LISA matches or beats {LABELS[lora]} | not measured ({NOT_RUN}) | |")
     if "full" in best:
         lines.append(f"| reference: full fine-tuning | {best['full']['heldout']} (lr {best['full']['lr']}) | — |")
     lines += ["", "At this size the tied 65 × 128 embedding is tiny, so LISA's always-trained part is small and its "
               "memory is dominated by the two sampled layers (about 2/8 of the decoder); LoRA r64 on d = 128 trains "
               "about as many values as the layers it adapts. The memory ratios of a 7B model do not carry over."]
     write_section(TITLE, "\n".join(lines) + "\n")
-    plot(results, best)
+    if best:
+        plot(results, best)
 
 
 def plot(results: dict, best: dict) -> None:
