@@ -323,7 +323,10 @@ def write_results(results: dict) -> None:
                      f"{r['heldout']} | {r.get('loop1_heldout', '—')} | {drop} | {r.get('s_per_step', '—')} |")
     missing = [r for r in ROWS if r not in results]
     if missing:
-        lines += ["", f"Not measured ({NOT_RUN}): " + ", ".join(f"`{r}`" for r in missing) + "."]
+        names = [f"`{r}`" + (" (with the logit-feature head; the hidden-state probe's run is reported below)"
+                             if r == "exit:T" and (CACHE.dir / "exit_T_linear_probe.json").is_file() else "")
+                 for r in missing]
+        lines += ["", f"Not measured ({NOT_RUN}): " + ", ".join(names) + "."]
     lines += ["", "| claim | measured | verdict |", "|---|---|---|", *verdicts(results)]
     falling = [f"`{row}` ({r['curve'][-3][1] - r['curve'][-1][1]:+.4f})" for row, r in results.items()
                if row in ROWS and len(r.get("curve", [])) >= 3 and r["curve"][-3][1] - r["curve"][-1][1] > 0.02]
