@@ -22,10 +22,9 @@ def _unwrap(model):
     return base
 
 
-@torch.no_grad()
-def loop_logits(model, input_ids: torch.Tensor, **forward_kwargs) -> tuple[list[torch.Tensor], object]:
-    """Logits after every loop (shared final norm + head on the hidden state at each loop boundary); the last
-    entry is the model's own output. Returns ``(logits per loop, model output)``."""
+def loop_hidden_states(model, input_ids: torch.Tensor, **forward_kwargs):
+    """``(hidden state at each early loop boundary, model output)``, with gradients when enabled (a learned exit
+    head trains on them)."""
     base = _unwrap(model)
     captured, handles = {}, []
     for b, position in enumerate(base.loop_boundaries()[:-1]):
@@ -36,7 +35,16 @@ def loop_logits(model, input_ids: torch.Tensor, **forward_kwargs) -> tuple[list[
     finally:
         for h in handles:
             h.remove()
-    return [base.exit_logits(captured[b]) for b in sorted(captured)] + [out.logits], out
+    return [captured[b] for b in sorted(captured)], out
+
+
+@torch.no_grad()
+def loop_logits(model, input_ids: torch.Tensor, **forward_kwargs) -> tuple[list[torch.Tensor], object]:
+    """Logits after every loop (shared final norm + head on the hidden state at each loop boundary); the last
+    entry is the model's own output. Returns ``(logits per loop, model output)``."""
+    hiddens, out = loop_hidden_states(model, input_ids, **forward_kwargs)
+    base = _unwrap(model)
+    return [base.exit_logits(h) for h in hiddens] + [out.logits], out
 
 
 def oracle_exit_loops(logits_per_loop: list[torch.Tensor]) -> torch.Tensor:

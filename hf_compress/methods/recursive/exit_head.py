@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hf_compress.methods.recursive.early_exit import _unwrap
+from hf_compress.methods.recursive.early_exit import _unwrap, loop_hidden_states
 
 
 class LoopExitHead(nn.Module):
@@ -54,22 +54,6 @@ class LoopExitHead(nn.Module):
         entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
         features = torch.cat([normed_hidden, top.to(normed_hidden.dtype), entropy.to(normed_hidden.dtype)], -1)
         return torch.sigmoid(self.probes[loop](features).squeeze(-1))
-
-
-def loop_hidden_states(model, input_ids: torch.Tensor, **forward_kwargs):
-    """``(hidden after each early loop, model output)`` with gradients (the training counterpart of
-    ``early_exit.loop_logits``)."""
-    base = _unwrap(model)
-    captured, handles = {}, []
-    for b, position in enumerate(base.loop_boundaries()[:-1]):
-        handles.append(base.model.layers[position].register_forward_hook(
-            lambda m, i, o, b=b: captured.__setitem__(b, o[0] if isinstance(o, tuple) else o)))
-    try:
-        out = model(input_ids=input_ids, **forward_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return [captured[b] for b in sorted(captured)], out
 
 
 def layerwise_exit_loss(model, head: LoopExitHead, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
