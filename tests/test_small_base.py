@@ -29,9 +29,18 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The training runs compare bit for bit, so they use one thread; the process-wide setting is put back so later
+    tests (e.g. fresh-process logit comparisons, whose child uses every core) are not affected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_interrupted_run_resumes_identically(tmp_path, arch):
-    torch.set_num_threads(1)
     spec = tiny(arch)
     full = small_base.train(spec, tmp_path / "full", text=TEXT, log=lambda m: None)
 
@@ -68,7 +77,6 @@ def test_sigkilled_process_resumes_identically(tmp_path):
     assert json.loads((tmp_path / "r" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     done = subprocess.run(cmd + ["--out", str(tmp_path / "r")], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "resumed at step 2" in done.stdout, done.stderr[-2000:]
-    torch.set_num_threads(1)
     full = small_base.train(tiny("llama"), tmp_path / "full", text=TEXT, log=lambda m: None)
     a, b = _weights(full), _weights(tmp_path / "r")
     assert all(torch.equal(a[k], b[k]) for k in a)
