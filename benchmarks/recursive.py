@@ -58,18 +58,26 @@ def build(row: str, original):
         init, rank = rest[0], int(rest[1])
         return relax(convert(original, num_loops=2, init="average"), original, ranks=rank, init=init)
     if kind == "base15":
-        import copy
-
-        keep = [i for (i,) in init_sources(30, 2, "cycle", "stepwise")]
-        small = copy.deepcopy(original)
-        small.model.layers = type(small.model.layers)([small.model.layers[i] for i in keep])
-        for new, layer in enumerate(small.model.layers):
-            layer.self_attn.layer_idx = new
-        small.config.num_hidden_layers = len(keep)
-        if getattr(small.config, "layer_types", None):
-            small.config.layer_types = small.config.layer_types[: len(keep)]
-        return small
+        return non_shared_baseline(original, 2)
     raise ValueError(f"unknown row {row!r}")
+
+
+def non_shared_baseline(original, num_loops: int):
+    """The same-size model without sharing: a copy of ``original`` that keeps only the layers a Stepwise
+    conversion to ``num_loops`` loops would share (the papers' reduced-size baseline)."""
+    import copy
+
+    from hf_compress.methods.recursive.sharing import init_sources
+
+    keep = [i for (i,) in init_sources(len(original.model.layers), num_loops, "cycle", "stepwise")]
+    small = copy.deepcopy(original)
+    small.model.layers = type(small.model.layers)([small.model.layers[i] for i in keep])
+    for new, layer in enumerate(small.model.layers):
+        layer.self_attn.layer_idx = new
+    small.config.num_hidden_layers = len(keep)
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = small.config.layer_types[: len(keep)]
+    return small
 
 
 def uptrain(model, tok) -> list[float]:

@@ -23,7 +23,6 @@ per-token exit loops. The untrained max-probability rule on the same model is th
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -58,10 +57,8 @@ def _progress(message: str) -> None:
 def build(row: str, original):
     """The model a row measures, before any training."""
     from hf_compress.methods.recursive import convert, relax
-    from hf_compress.methods.recursive.sharing import init_sources
 
     kind, *rest = row.split(":")
-    layers = original.config.num_hidden_layers
     if kind == "full":
         return original
     if kind == "rec":
@@ -72,15 +69,9 @@ def build(row: str, original):
         return relax(convert(original, num_loops=2, init="average"), original, ranks=int(rest[1]), init=rest[0],
                      progress=False)
     if kind == "base4":
-        keep = [i for (i,) in init_sources(layers, 2, "cycle", "stepwise")]
-        small = copy.deepcopy(original)
-        small.model.layers = type(small.model.layers)([small.model.layers[i] for i in keep])
-        for new, layer in enumerate(small.model.layers):
-            layer.self_attn.layer_idx = new
-        small.config.num_hidden_layers = len(keep)
-        if getattr(small.config, "layer_types", None):
-            small.config.layer_types = small.config.layer_types[: len(keep)]
-        return small
+        from recursive import non_shared_baseline
+
+        return non_shared_baseline(original, 2)
     raise ValueError(f"unknown row {row!r}")
 
 
