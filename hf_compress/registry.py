@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 
 # One registration line per built-in method folder.
-BUILTIN_METHODS = ("rtn", "gptq", "layerwise", "baq", "high_impact", "rsq", "recursive", "ln_free", "lisa", "kvtuner", "cskv", "sparse", "ecoflap", "armor", "ti_qat", "diffrate")
+BUILTIN_METHODS = ("rtn", "gptq", "layerwise", "baq", "high_impact", "rsq", "recursive", "ln_free", "lisa", "kvtuner", "cskv", "sparse", "ecoflap", "armor", "ti_qat", "lineas", "diffrate")
 
 
 @dataclass(frozen=True, eq=False)
