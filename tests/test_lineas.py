@@ -229,6 +229,10 @@ def test_cli_steer_writes_a_loadable_adapter(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
     assert loaded.get_strength() == 0.5 and len(lineas_layers(loaded)) == 2
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert cli.main([*args[:7], str(tmp_path / "shift"), "--mean-shift"]) == 0
+    shifted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "shift")
+    assert all(torch.equal(l.lineas_omega["default"], torch.ones(64)) for l in lineas_layers(shifted))
+    assert any(l.lineas_bias["default"].abs().sum() > 0 for l in lineas_layers(shifted))
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert cli.main([*args[:3], str(tmp_path / "empty.txt"), *args[4:7], str(tmp_path / "out2")]) == 2
 
@@ -314,3 +318,20 @@ def test_a_frozen_adapter_refuses_training(tmp_path):
         train_lineas(loaded, TOK, SOURCE, TARGET, steps=1, progress=False)
     trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", is_trainable=True)
     train_lineas(trainable, TOK, SOURCE, TARGET, steps=1, progress=False)
+
+
+def test_transformers_load_adapter_and_auto_peft_model_steer_the_same(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model, _ = trained(steps=5)
+    model.set_strength(0.6)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    expected = logits(model)
+    plain = tiny_llama()
+    plain.load_adapter(str(tmp_path / "adapter"))  # transformers' PEFT integration reads peft_type.value
+    assert torch.equal(logits(plain), expected)
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(auto), expected)
+    assert auto.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, IDS.shape[1] + 3)
