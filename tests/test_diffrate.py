@@ -212,7 +212,51 @@ def test_bad_config_and_models_raise():
         search_rates(tiny_vit(), pixels(4) * float("nan"), torch.zeros(4, dtype=torch.long), target_flops=0.5)
 
 
+def test_bad_image_files_raise(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_compress.methods.diffrate import load_images
+
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_images(tmp_path / "corrupt.safetensors")
+    save_file({"pixel_values": pixels(2)}, str(tmp_path / "nolabels.safetensors"))
+    with pytest.raises(ValueError, match="labels"):
+        load_images(tmp_path / "nolabels.safetensors")
+    save_file({"pixel_values": pixels(2), "labels": torch.zeros(3, dtype=torch.long)}, str(tmp_path / "n.safetensors"))
+    with pytest.raises(ValueError, match="expected pixel_values"):
+        load_images(tmp_path / "n.safetensors")
+
+
 def test_uniform_schedule_removes_evenly():
     assert uniform_schedule(17, 1, 4, 3, "merge") == ([17, 17, 14, 11], [17, 14, 11, 8])
     assert uniform_schedule(17, 1, 4, 3, "prune") == ([17, 14, 11, 8], [17, 14, 11, 8])
     assert uniform_schedule(17, 1, 5, 2.5, "prune")[1] == [17, 15, 12, 10, 7]
+
+
+def test_cli_search_and_fixed_schedule(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from hf_compress.cli.commands import main
+
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    save_file({"pixel_values": pixels(16), "labels": torch.randint(0, 3, (16,))}, str(tmp_path / "images.safetensors"))
+    assert main(["diffrate", str(tmp_path / "vit"), "--out", str(tmp_path / "searched"), "--target-flops", "0.6",
+                 "--dataset", str(tmp_path / "images.safetensors"), "--steps", "3", "--batch-size", "8"]) == 0
+    from hf_compress.methods.diffrate import DiffRateViTForImageClassification
+
+    searched = DiffRateViTForImageClassification.from_pretrained(tmp_path / "searched")
+    assert searched.config.diffrate_search["target_flops"] == 0.6
+    check_schedule(searched.config.prune_kept, searched.config.merge_kept, 17, 1, 4)
+    assert main(["diffrate", str(tmp_path / "vit"), "--out", str(tmp_path / "fixed"), "--prune-kept", "17,14,12,8",
+                 "--merge-kept", "17,12,10,6"]) == 0
+    card = (tmp_path / "fixed" / "README.md").read_text()
+    assert "| 3 | 10 | 8 | 6 |" in card and "hf_compress_plan.png" in card
+    # bad input: increasing counts, a missing image file
+    assert main(["diffrate", str(tmp_path / "vit"), "--out", str(tmp_path / "bad"), "--prune-kept", "17,14,15,8",
+                 "--merge-kept", "17,12,10,6"]) == 2
+    assert main(["diffrate", str(tmp_path / "vit"), "--out", str(tmp_path / "bad"), "--dataset",
+                 str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "must not increase" in err and "does not exist" in err
+    assert not (tmp_path / "bad").exists()

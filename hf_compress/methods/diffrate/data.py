@@ -43,14 +43,14 @@ def digits(image_size: int = 32, split: str = "train", test_fraction: float = 0.
 
 def load_images(path: str | os.PathLike):
     """``(pixel_values, labels)`` from a safetensors file holding those two tensors (``[N, C, H, W]`` float, ``[N]``)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise OSError(f"image file {path} does not exist")
     try:
         tensors = load_file(path)
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
     missing = {"pixel_values", "labels"} - set(tensors)
     if missing:
