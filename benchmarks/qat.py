@@ -177,8 +177,9 @@ def write_results(results: dict, command: str) -> None:
                   "2–3 minutes per step at batch 1 × 32 tokens under that load, against the ~10⁴ steps × 1 k tokens the rows "
                   "need), so it ran only that smoke run (`--smoke --row ti:2`: 3 steps, 1 eval window, separate "
                   "cache), which checks the script end to end (training, Trainer checkpoints, export, perplexity) and "
-                  "measures nothing. The MiniLM (encoder, task metric) half of the benchmark is not built; the encoder "
-                  "path is tested on a tiny BERT classifier (`tests/test_ti_qat.py`)."]
+                  "measures nothing. The same comparison at a size this machine can train to flat curves is measured "
+                  "in \"QAT on the small Llama base\" (decoder, held-out CE) and \"QAT on MiniLM-L6\" (the encoder "
+                  "with a task head, accuracy) below: `benchmarks/small_base_qat.py`, `benchmarks/qat_minilm.py`."]
         if "gptq:2" in missing:
             lines.append("`gptq:2` is the configuration of the 2-bit GPTQ row of the quantization section (same "
                          "protocol); this script did not rerun it.")
