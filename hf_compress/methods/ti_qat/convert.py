@@ -58,8 +58,10 @@ def export_packed(model: nn.Module, config: TIQATConfig | None = None) -> nn.Mod
     """Turn every ``FakeQuantLinear`` into a ``PackedLinear`` holding its current codes, in place.
 
     The packed forward equals the fake-quant forward (same codes, fp16 scales and zero points; bias added after the
-    matmul in both), and the model saves as an ordinary hf-compress checkpoint (``save_pretrained``) that
-    ``from_pretrained`` loads with no import of hf-compress.
+    matmul in both) bit for bit under the reference kernels (``HF_COMPRESS_KERNELS=reference``); the default CPU fast
+    path multiplies in bf16, so its outputs differ by bf16 rounding (on the small Llama base: ~1e-4 nats of held-out
+    CE, ``benchmarks/small_base_qat.py``). The model saves as an ordinary hf-compress checkpoint
+    (``save_pretrained``) that ``from_pretrained`` loads with no import of hf-compress.
     """
     from hf_compress.pipeline.quantize import attach_quantizer
     from hf_compress.plan import overall_bits, plan_rows
