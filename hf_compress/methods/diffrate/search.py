@@ -123,13 +123,16 @@ class RateSearch(nn.Module):
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
-            self._saved.append(layer.forward)
+            self._saved.append(layer.__dict__.get("forward"))  # an instance-level forward (a hook library's)
             layer.forward = _search_forward(self, i, layer)
         return self
 
     def __exit__(self, *exc):
-        for layer, _ in zip(self.layers, self._saved):
-            del layer.forward  # back to the class's forward
+        for layer, saved in zip(self.layers, self._saved):
+            if saved is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = saved
         self._saved = []
 
     def flops(self) -> torch.Tensor:
