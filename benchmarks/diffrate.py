@@ -4,7 +4,7 @@ Model: ``ViTForImageClassification`` (32×32 digits upsampled from 8×8, patch 4
 width 64, 4 heads, MLP 256), trained from scratch (AdamW, batch 32, cosine, random ±2 px shifts) on a fixed 80 % split and
 cached under ``~/.cache/hf_compress/diffrate/`` (resumable per epoch). DiffRate rates are searched on the training
 split (model frozen, only the rate logits learn; CE + λ·(FLOPs/FLOPs₀ − target)²) at a few FLOPs targets; every row
-is evaluated on the 20 % test split (360 images). Baselines at equal FLOPs: the same per-layer kept-token count
+is evaluated on the 20 % test split (359 images). Baselines at equal FLOPs: the same per-layer kept-token count
 removed uniformly from layer 1 on, once as pure pruning and once as pure merging (ToMe-like constant r), with the
 removal per layer chosen so the counted FLOPs come closest to the DiffRate row's. FLOPs are counted
 (multiply-accumulates, the paper's convention, ``count_flops``); throughput is measured at batch 64 with 1 thread,
@@ -29,10 +29,11 @@ from _rows import RowCache, main, measured_on  # noqa: E402
 CACHE = RowCache("bench_diffrate", __file__)
 BASE_DIR = Path.home() / ".cache" / "hf_compress" / "diffrate" / "vit-digits"
 TITLE = "## DiffRate: learned per-layer token pruning + merging on a small ViT (digits)"
-TARGETS = ("0.70", "0.50", "0.35")
-ROWS = ["base", *[f"search@{t}" for t in TARGETS], "measure"]
+TARGETS = ("0.65", "0.50", "0.35")
+INITS = ("uniform", "full")  # where the rate distributions start: the paper's uniform, or near keep-all
+ROWS = ["base", *[f"search@{i}@{t}" for t in TARGETS for i in INITS], "measure"]
 EPOCHS, BATCH, LR, SEED = 60, 32, 1e-3, 0
-SEARCH_STEPS, SEARCH_LR, GRANULARITY, FLOPS_WEIGHT = 150, 0.05, 2, 200.0
+SEARCH_STEPS, SEARCH_LR, GRANULARITY, FLOPS_WEIGHT = 300, 0.05, 2, 200.0
 REPEATS, BENCH_BATCH = 7, 64
 PNG = Path(__file__).resolve().parent / "diffrate.png"
 
@@ -136,7 +137,7 @@ def load_base():
     return ViTForImageClassification.from_pretrained(BASE_DIR).eval()
 
 
-def search_row(model, target: float) -> dict:
+def search_row(model, init: str, target: float) -> dict:
     import torch
 
     from hf_compress.methods.diffrate import search_rates
@@ -146,7 +147,7 @@ def search_row(model, target: float) -> dict:
     torch.manual_seed(SEED)
     start = time.process_time()
     found = search_rates(model, train_x, train_y, target, steps=SEARCH_STEPS, batch_size=BATCH, lr=SEARCH_LR,
-                         flops_weight=FLOPS_WEIGHT, granularity=GRANULARITY, seed=SEED)
+                         flops_weight=FLOPS_WEIGHT, granularity=GRANULARITY, init=init, seed=SEED)
     history = found.pop("history")
     return {**found, "cpu_s": time.process_time() - start, "final_task_loss": history[-1]["task_loss"],
             "final_soft_flops": history[-1]["flops_ratio"]}
@@ -193,8 +194,11 @@ def measure(model) -> dict:
     full = count_flops(spec)
     models, rows = {"uncompressed": model}, {"uncompressed": {"prune_kept": None, "merge_kept": None, "flops": full}}
     for target in TARGETS:
-        found = CACHE.ensure(f"search@{target}")
-        rows[f"diffrate@{target}"] = {k: found[k] for k in ("prune_kept", "merge_kept", "flops")}
+        for init in INITS:
+            found = CACHE.ensure(f"search@{init}@{target}")
+            name = "diffrate" if init == "uniform" else f"diffrate-{init}-init"
+            rows[f"{name}@{target}"] = {k: found[k] for k in ("prune_kept", "merge_kept", "flops")}
+        found = CACHE.ensure(f"search@uniform@{target}")
         for mode in ("prune", "merge"):
             prune, merge = matched_uniform(spec, found["flops"], mode)
             rows[f"uniform-{mode}@{target}"] = {"prune_kept": prune, "merge_kept": merge,
@@ -221,7 +225,8 @@ def run_row(row: str) -> dict:
         test_x, test_y = digits(32, "test")
         return {"accuracy": accuracy(model, test_x, test_y), "epochs": EPOCHS}
     if row.startswith("search@"):
-        return search_row(model, float(row.split("@")[1]))
+        _, init, target = row.split("@")
+        return search_row(model, init, float(target))
     if row == "measure":
         return measure(model)
     raise ValueError(f"unknown row {row!r}")
@@ -234,7 +239,8 @@ def plot(rows: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"diffrate": ("tab:blue", "o", "DiffRate (searched)"), "uniform-prune": ("tab:orange", "s", "uniform pruning"),
+    styles = {"diffrate": ("tab:blue", "o", "DiffRate (paper's uniform init)"),
+              "diffrate-full-init": ("tab:purple", "D", "DiffRate (init near keep-all)"), "uniform-prune": ("tab:orange", "s", "uniform pruning"),
               "uniform-merge": ("tab:green", "^", "uniform merging")}
     for family, (color, marker, label) in styles.items():
         pts = sorted((r["flops"] / 1e6, 100 * r["accuracy"]) for n, r in rows.items() if n.startswith(family + "@"))
@@ -245,7 +251,7 @@ def plot(rows: dict) -> None:
     ax.set_xlabel("MFLOPs per image (multiply-accumulates, counted)"), ax.set_ylabel("test accuracy (%)")
     ax.set_title("digits ViT: accuracy vs FLOPs"), ax.legend(), ax.grid(alpha=0.3)
     for name, r in rows.items():
-        if name.startswith("diffrate@"):
+        if name.startswith("diffrate"):
             bx.step(range(len(r["merge_kept"])), r["merge_kept"], where="mid", label=f"{name} (after merging)")
     bx.set_xlabel("encoder layer"), bx.set_ylabel("tokens kept (incl. CLS)"), bx.set_ylim(0, 66)
     bx.set_title("learned schedules"), bx.legend(fontsize=8), bx.grid(alpha=0.3)
@@ -273,8 +279,9 @@ def write_results(results: dict) -> None:
              f"{results['measure']['test_images']} held-out test images. DiffRate rates searched on the training "
              f"images: {SEARCH_STEPS} Adam steps (lr {SEARCH_LR}, batch {BATCH}, candidate gap {GRANULARITY}), "
              f"model frozen, loss CE + {FLOPS_WEIGHT:g}·(FLOPs/FLOPs₀ − target)². Uniform rows remove the same number of tokens "
-             "in every layer from layer 1 on (pure pruning, or pure merging as in ToMe), matched to the DiffRate "
-             "row's counted FLOPs. FLOPs are counted multiply-accumulates (`count_flops`); throughput is images/s "
+             "in every layer from layer 1 on (pure pruning, or pure merging as in ToMe), matched to the counted FLOPs "
+             "of the DiffRate row (paper init) at the same target. DiffRate rows: the paper's uniform "
+             "initialisation of the rate distributions, and one started near keep-all (`init='full'`). FLOPs are counted multiply-accumulates (`count_flops`); throughput is images/s "
              f"at batch {BENCH_BATCH}, all rows interleaved in one process, median of {REPEATS} repeats (a shared "
              "2-core machine: compare rows within this table only).", "",
              "| row | target | MFLOPs | of full | test accuracy | images/s | speed-up | tokens after each layer (merge_kept) |",
@@ -287,9 +294,10 @@ def write_results(results: dict) -> None:
         lines.append(f"| {name.split('@')[0]} | {target} | {r['flops'] / 1e6:.2f} | {r['flops_ratio']:.1%} | "
                      f"{100 * r['accuracy']:.2f} % | {r['images_per_s']:.0f} | "
                      f"{r['images_per_s'] / base['images_per_s']:.2f}× | {kept} |")
-    searches = [results[f"search@{t}"] for t in TARGETS if f"search@{t}" in results]
+    searches = {key: results[key] for key in ROWS if key.startswith("search@") and key in results}
     lines += ["", "Search cost (CPU seconds, 1 thread): " + ", ".join(
-        f"target {s['target_flops']:.2f}: {s['cpu_s']:.0f} s → {s['flops_ratio']:.1%} of the FLOPs" for s in searches)
+        f"{key.split('@')[1]} init, target {s['target_flops']:.2f}: {s['cpu_s']:.0f} s → {s['flops_ratio']:.1%} of "
+        "the FLOPs" for key, s in searches.items())
         + f". Base model: {100 * results['base']['accuracy']:.2f} % test accuracy.", "",
         f"![accuracy vs FLOPs]({PNG.name})"]
     write_section(TITLE, "\n".join(lines))

@@ -260,3 +260,19 @@ def test_cli_search_and_fixed_schedule(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "must not increase" in err and "does not exist" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_rate_proxy_inits_and_masks():
+    from hf_compress.methods.diffrate import RateProxy
+
+    uniform, full = RateProxy(65, 1, 2), RateProxy(65, 1, 2, init="full")
+    assert uniform.expected_kept().item() == 34  # ceil(mean of 64, 62, …, 2) + CLS
+    assert full.expected_kept().item() > 0.8 * 65
+    mask = uniform.token_mask(kept=30, end=50, length=65)
+    assert mask[:30].eq(1).all() and mask[30:50].eq(0).all() and mask[50:].eq(1).all()
+    mask[30:50].sum().backward()
+    assert uniform.logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="init"):
+        RateProxy(65, 1, 2, init="zeros")
+    with pytest.raises(ValueError, match="granularity"):
+        RateProxy(65, 1, 0)

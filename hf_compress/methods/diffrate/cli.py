@@ -1,7 +1,8 @@
 """``hf-compress diffrate``: learn per-layer token pruning + merging counts for a ViT/DeiT classifier and save it.
 
     hf-compress diffrate MODEL --out OUT --target-flops 0.5 [--dataset digits|IMAGES.safetensors]
-                         [--steps 200 --batch-size 64 --lr 0.05 --flops-weight 200 --granularity 1 --seed 0]
+                         [--steps 200 --batch-size 64 --lr 0.05 --flops-weight 200 --granularity 1
+                          --init uniform|full --seed 0]
                          [--prune-kept 65,60,… --merge-kept 65,55,…] [--overwrite] [--dtype]
 
 The search (``search_rates``) runs on ``--dataset`` (scikit-learn's digits upsampled to the model's image size,
@@ -40,6 +41,9 @@ def add_command(sub) -> None:
     g.add_argument("--flops-weight", type=float, default=200.0,
                    help="λ of (FLOPs/FLOPs₀ − target)² in the loss (default: 200)")
     g.add_argument("--granularity", type=int, default=1, help="gap between candidate token counts (default: 1)")
+    g.add_argument("--init", choices=("uniform", "full"), default="uniform",
+                   help="start of the rate distributions: uniform over the candidates (the paper) or near keeping "
+                        "every token (default: uniform)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("fixed schedule (no search)")
     g.add_argument("--prune-kept", type=_counts, default=None, help="tokens kept after each layer's pruning")
@@ -86,10 +90,10 @@ def run(args) -> dict:
         pixels, labels = _images(args, model.config)
         found = search_rates(model, pixels.to(model.dtype), labels, args.target_flops, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, flops_weight=args.flops_weight,
-                             granularity=args.granularity, seed=args.seed)
+                             granularity=args.granularity, init=args.init, seed=args.seed)
         prune, merge = found["prune_kept"], found["merge_kept"]
         info = {"source": "search", "target_flops": args.target_flops, "steps": args.steps, "dataset": args.dataset,
-                "granularity": args.granularity, "flops_weight": args.flops_weight}
+                "granularity": args.granularity, "flops_weight": args.flops_weight, "init": args.init}
     reduced = compress(model, prune, merge, search_info=info)
     save_pretrained(reduced, args.out, overwrite=args.overwrite)
     spec = FlopsSpec.from_config(model.config, token_counts(model)[1])

@@ -47,11 +47,13 @@ def _pair(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
-def count_flops(spec: FlopsSpec, prune_kept=None, merge_kept=None, minimum=min):
+def count_flops(spec: FlopsSpec, prune_kept=None, merge_kept=None, minimum=min, cut=None):
     """Multiply-accumulates of one image's forward pass; ``None`` schedules mean no reduction.
 
     ``minimum(n, k)`` caps a count by the tokens a layer gets: the builtin ``min`` for integer schedules, a
-    straight-through min (gradient to ``k``) when the counts are the search's differentiable tensors.
+    straight-through min when the counts are the search's differentiable tensors. ``cut(n)``, applied to a
+    layer's incoming count after its attention term, lets the search stop the gradient there (the paper's
+    choice: a layer's rates feel its own MLP and the next layer's attention, not every later layer).
     """
     C, I, P = spec.hidden, spec.intermediate, spec.num_prefix
     full = [spec.num_tokens] * spec.num_layers
@@ -61,6 +63,7 @@ def count_flops(spec: FlopsSpec, prune_kept=None, merge_kept=None, minimum=min):
     merged = False
     for prune, merge in zip(prune_kept, merge_kept):
         total = total + 4 * n * C * C + 2 * n * n * C
+        n = n if cut is None else cut(n)
         n_pruned = minimum(n, prune)
         n_merged = minimum(n_pruned, merge)
         if merged or bool(n_merged < n):  # the layers that take the reduced path (see ``reduction``)

@@ -37,12 +37,8 @@ class _StraightCeil(torch.autograd.Function):
 
 
 class _StraightMin(torch.autograd.Function):
-    """``min(n, k)`` whose gradient goes to both arguments, whichever is smaller.
-
-    The paper's straight-through min passes it to the layer's own rates only, so a rate feels the FLOPs of its
-    own MLP and the next attention; passing it on through ``n`` gives every rate the FLOPs of all later layers
-    too, the exact derivative of the count whenever the schedule decreases (the only schedules that run).
-    """
+    """``min(n, k)`` whose gradient goes to both arguments, whichever is smaller (the paper's straight-through min:
+    the tokens after merging answer to the layer's pruning and merging rates alike)."""
 
     @staticmethod
     def forward(ctx, n, k):
@@ -51,6 +47,10 @@ class _StraightMin(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, grad
+
+
+def _detach(n):
+    return n.detach() if isinstance(n, torch.Tensor) else n
 
 
 def straight_min(n, k):
@@ -65,15 +65,25 @@ class RateProxy(nn.Module):
         num_tokens: tokens the model's layers see (prefix included).
         num_prefix: tokens never removed.
         granularity: gap between candidate counts (the paper uses 4 on 196 patches).
+        init: ``"uniform"`` (the paper: every candidate equally likely, so the search starts near half the tokens)
+            or ``"full"`` (the full count is ``e`` times likelier than each other, ~73 % of the mass: the search
+            starts near the uncompressed model and the FLOPs penalty removes tokens where the task loss allows).
     """
 
-    def __init__(self, num_tokens: int, num_prefix: int, granularity: int = 1):
+    INITS = ("uniform", "full")
+
+    def __init__(self, num_tokens: int, num_prefix: int, granularity: int = 1, init: str = "uniform"):
         super().__init__()
         if not isinstance(granularity, int) or granularity < 1:
             raise ValueError(f"granularity must be a positive integer, got {granularity!r}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
         patches = num_tokens - num_prefix
         self.register_buffer("candidates", torch.arange(patches, 0, -granularity, dtype=torch.float32) + num_prefix)
         self.logits = nn.Parameter(torch.zeros(len(self.candidates)))
+        if init == "full":
+            with torch.no_grad():
+                self.logits[0] = math.log(len(self.candidates)) + 1
 
     def probabilities(self) -> torch.Tensor:
         return self.logits.softmax(-1)
@@ -108,7 +118,7 @@ class RateSearch(nn.Module):
     The model's layers get their search forward only inside the ``with`` block.
     """
 
-    def __init__(self, model: nn.Module, granularity: int = 1, num_prefix: int | None = None):
+    def __init__(self, model: nn.Module, granularity: int = 1, num_prefix: int | None = None, init: str = "uniform"):
         super().__init__()
         self._model = [model]  # not a submodule: the proxies are this module's only parameters
         self.layers = encoder_layers(model)
@@ -116,8 +126,9 @@ class RateSearch(nn.Module):
         self.num_prefix = found if num_prefix is None else num_prefix
         self.spec = FlopsSpec.from_config(model.config, self.num_prefix)
         # the first layer is never compressed (as in the paper): its class attention is not yet informative
-        self.prune = nn.ModuleList([RateProxy(self.num_tokens, self.num_prefix, granularity) for _ in self.layers[1:]])
-        self.merge = nn.ModuleList([RateProxy(self.num_tokens, self.num_prefix, granularity) for _ in self.layers[1:]])
+        make = lambda: RateProxy(self.num_tokens, self.num_prefix, granularity, init)  # noqa: E731
+        self.prune = nn.ModuleList([make() for _ in self.layers[1:]])
+        self.merge = nn.ModuleList([make() for _ in self.layers[1:]])
         self.state = SearchState()
         self._saved = []
 
@@ -140,7 +151,7 @@ class RateSearch(nn.Module):
         full = torch.tensor(float(self.num_tokens), device=self.prune[0].logits.device)
         prune = [full] + [p for p, _ in self.state.kept]
         merge = [full] + [m for _, m in self.state.kept]
-        return count_flops(self.spec, prune, merge, minimum=straight_min)
+        return count_flops(self.spec, prune, merge, minimum=straight_min, cut=_detach)
 
     def schedule(self) -> tuple[list[int], list[int]]:
         """The learned counts as a fixed, non-increasing integer schedule."""
@@ -183,7 +194,7 @@ def _search_forward(search: RateSearch, index: int, layer: nn.Module):
 
 def search_rates(model, pixels: torch.Tensor, labels: torch.Tensor, target_flops: float, steps: int = 200,
                  batch_size: int = 64, lr: float = 0.05, flops_weight: float = 200.0, granularity: int = 1,
-                 seed: int = 0, progress: bool = True) -> dict:
+                 init: str = "uniform", seed: int = 0, progress: bool = True) -> dict:
     """Learn a kept-token schedule for ``model`` at ``target_flops`` (a fraction of the uncompressed FLOPs).
 
     Args:
@@ -194,6 +205,7 @@ def search_rates(model, pixels: torch.Tensor, labels: torch.Tensor, target_flops
         flops_weight: λ of the FLOPs penalty on relative FLOPs (the paper's λ = 5 on GFLOPs of a 17.6-GFLOP
             DeiT-B is λ ≈ 1,500 here; smaller works on small data, the penalty is squared).
         granularity: gap between candidate counts.
+        init: where the rate distributions start (:class:`RateProxy`).
 
     Returns:
         ``{"prune_kept", "merge_kept", "flops", "flops_ratio", "target_flops", "history"}``.
@@ -212,7 +224,7 @@ def search_rates(model, pixels: torch.Tensor, labels: torch.Tensor, target_flops
     for p in frozen:
         p.requires_grad_(False)
     model.eval()
-    search = RateSearch(model, granularity=granularity).to(next(model.parameters()).device)
+    search = RateSearch(model, granularity=granularity, init=init).to(next(model.parameters()).device)
     full = count_flops(search.spec)
     optimizer = torch.optim.Adam(search.parameters(), lr=lr)
     history, epoch = [], 0
