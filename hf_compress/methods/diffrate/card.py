@@ -26,8 +26,11 @@ def diffrate_card(artifact, model) -> tuple[str, dict, bytes]:
     ax.set_xlabel("encoder layer"), ax.set_ylabel("tokens kept (incl. prefix)"), ax.set_ylim(0, spec.num_tokens + 1)
     ax.set_title(f"DiffRate schedule: {flops / full_flops:.0%} of the FLOPs"), ax.legend()
     search = c.get("diffrate_search") or {}
+    origin = "given, not searched"
+    if search.get("source") == "search":
+        origin = f"learned by the differentiable search under a FLOPs target of {search.get('target_flops')}"
     settings = {"num_prefix_tokens": prefix, "tokens per image": spec.num_tokens, **search}
-    return "diffrate", {"paper": PAPER, "architecture": (c.get("architectures") or ["?"])[0],
+    return "diffrate", {"paper": PAPER, "origin": origin, "architecture": (c.get("architectures") or ["?"])[0],
                         "flops": f"{flops / 1e6:.2f} M", "full_flops": f"{full_flops / 1e6:.2f} M",
                         "flops_ratio": f"{flops / full_flops:.1%}", "plan_table": "\n".join(table),
                         "settings_rows": settings_rows(settings), "tags": ["diffrate", "token-merging", "vision"]}, png(fig)
