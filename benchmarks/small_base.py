@@ -290,8 +290,8 @@ def write_results() -> None:
     for arch, spec in SPECS.items():
         f = ROOT / spec.name / "training.json"
         if not f.is_file():
-            lines.append(f"| {arch} | not measured (not run: from 20:34 on, a renice loop kept the issue-24 runs at nice 15 "
-                         "below the other benchmarks and they got 1-4 % of a core; the command resumes from its checkpoints) | | | | | | | | |")
+            lines.append(f"| {arch} | not measured (not trained yet: `python benchmarks/small_base.py --arch {arch}`) "
+                         "| | | | | | | | |")
             continue
         info = json.loads(f.read_text())
         drop = info["last_quarter_drop"]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
-NOT_RUN = "not run: from 20:34 on, this machine's scheduler policy (a renice loop) kept the issue-24 runs at nice 15 below the other benchmarks, which held both cores; they got 1-4 % of a core until the session's deadline"
+NOT_RUN = "not run"
 CACHE = RowCache("bench_small_ln_free", __file__)
 TITLE = "## LayerNorm-free on the small Llama (RMSNorm) and GPT-2 bases"
 STEPS = int(os.environ.get("HF_COMPRESS_SMALL_LNFREE_STEPS", "450"))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
-NOT_RUN = "not run: from 20:34 on, this machine's scheduler policy (a renice loop) kept the issue-24 runs at nice 15 below the other benchmarks, which held both cores; they got 1-4 % of a core until the session's deadline"
+NOT_RUN = "not run"
 CACHE = RowCache("bench_small_recursive", __file__)
 TITLE = "## Recursive uptraining and learned early exit on the small Llama base (8 layers → 4 × 2)"
 STEPS = int(os.environ.get("HF_COMPRESS_SMALL_RRT_STEPS", "400"))
