@@ -335,3 +335,18 @@ def test_transformers_load_adapter_and_auto_peft_model_steer_the_same(tmp_path):
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert torch.equal(logits(auto), expected)
     assert auto.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, IDS.shape[1] + 3)
+
+
+def test_loss_gradients_set_the_l1_scale():
+    from hf_compress.methods.lineas.train import loss_gradients
+
+    model = steered()
+    grads = loss_gradients(model, TOK, SOURCE, TARGET)
+    assert grads.shape == (4 * 2 * 64,) and (grads > 0).any()  # 2 layers × 2 norms × (ω, b) × 64
+    assert all(p.grad is None for p in model.parameters())
+    l1 = torch.quantile(grads, 0.9).item()  # ~90 % of the coordinates start below the threshold
+    sparse = steered(l1_penalty=l1)
+    train_lineas(sparse, TOK, SOURCE, TARGET, steps=20, lr=3e-2, progress=False)
+    moved = sum(int(((l.lineas_omega["default"] != 1) | (l.lineas_bias["default"] != 0)).sum())
+                for l in lineas_layers(sparse))
+    assert 0 < moved < 0.5 * grads.numel()

@@ -11,7 +11,7 @@ steered modules' outputs through forward hooks, token-mean pooled per prompt:
   step of the sparse-group-lasso.
 
 A forward pass stops (by an exception from the last hook) once every steered module has produced its output: the
-layers after it and the LM head contribute nothing to the loss, and on a small model the head is a fifth of the cost.
+layers after it and the LM head contribute nothing to the loss (on SmolLM2-135M the head is a fifth of the forward cost).
 The loss compares sorted values across the whole batch, so it does not split over micro-batches; with more prompts
 than ``micro_batch`` the exact gradient is taken in two passes (pooled activations without a graph, the loss's
 gradient with respect to them, then one backward per micro-batch), which bounds memory by one micro-batch.
@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from hf_compress.methods.lineas.loss import lineas_loss, pooled_mean, prox_sparse_group_
 from hf_compress.methods.lineas.model import LineasModel, lineas_layers
 
-__all__ = ["LineasTraining", "encode_prompts", "fit_mean_shift", "pooled_activations", "read_prompts",
-           "train_lineas"]
+__all__ = ["LineasTraining", "encode_prompts", "fit_mean_shift", "loss_gradients", "pooled_activations",
+           "read_prompts", "train_lineas"]
 
 
 @dataclass
@@ -40,7 +40,8 @@ class LineasTraining:
     """How :func:`train_lineas` fits the maps (the regulariser's weights live in ``LineasConfig``).
 
     Args:
-        steps: optimizer steps (paper: 1000 SGD steps at lr 0.1; Adam at 1e-2 gets most of the way in ~100).
+        steps: optimizer steps (the paper: 1000 SGD steps at lr 0.1; Adam, the default here, is meant for runs of a
+            few dozen to a few hundred steps on a CPU).
         lr: peak learning rate, decayed to 0 by a cosine schedule.
         optimizer: ``"adam"`` or ``"sgd"`` (the paper's; needs a larger ``lr``).
         batch_size: prompts drawn from each side per step; ``None`` uses all (the paper's batch = N).
@@ -286,6 +287,33 @@ def _step_size(optimizer, param):
     step = float(state["step"])
     v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
     return group["lr"] / (v_hat.sqrt() + group["eps"])
+
+
+def loss_gradients(model, tokenizer, source: list[str], target: list[str], max_length: int = 64,
+                   micro_batch: int = 16) -> torch.Tensor:
+    """``|∂C/∂(ω, b)|`` at the current maps, every coordinate of every steered module in one vector (the maps and
+    their ``.grad`` are left as they were). With Adam's prox (see ``prox_sparse_group_``) a coordinate leaves 0 only
+    while its gradient exceeds ``l1_penalty``, so a quantile of this vector at the identity is a scale-free way to
+    choose ``l1_penalty`` (e.g. the 0.9 quantile: about 90 % of the coordinates start switched off)."""
+    _, adapter, layers = _lineas(model)
+    params = [p for layer in layers for p in (layer.lineas_omega[adapter], layer.lineas_bias[adapter])]
+    src_ids, src_mask = encode_prompts(tokenizer, source, max_length)
+    tgt_ids, tgt_mask = encode_prompts(tokenizer, target, max_length)
+    saved = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        with _strength(layers, adapter, 0.0):
+            targets = pooled_activations(model, tgt_ids, tgt_mask, micro_batch)
+        for p in params:
+            p.grad = None
+        with _strength(layers, adapter, 1.0):
+            _loss_and_backward(model, layers, src_ids, src_mask, targets, micro_batch)
+        return torch.cat([p.grad.detach().abs().flatten() for p in params])
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+        model.train(was_training)
 
 
 def _draw(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
