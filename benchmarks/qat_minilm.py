@@ -55,10 +55,10 @@ CACHE = RowCache("bench_qat_minilm", __file__)
 TITLE = "## QAT on MiniLM-L6 (encoder + task head: Teacher Intervention vs KD-QAT vs PTQ)"
 PLOT = Path(__file__).resolve().parent / "minilm_qat.png"
 GROUP, BATCH, SEED, CALIB = 64, 16, 11, 128
-STEPS = int(os.environ.get("HF_COMPRESS_MINILM_QAT_STEPS", "120"))
-TI_STEPS = int(os.environ.get("HF_COMPRESS_MINILM_TI_STEPS", "30"))
+STEPS = int(os.environ.get("HF_COMPRESS_MINILM_QAT_STEPS", "100"))
+TI_STEPS = int(os.environ.get("HF_COMPRESS_MINILM_TI_STEPS", "25"))
 TEACHER_STEPS = int(os.environ.get("HF_COMPRESS_MINILM_TEACHER_STEPS", "200"))
-EVAL_EVERY, EVAL_CURVE, EVAL_FINAL, QAT_LR, TEACHER_LR = 15, 256, 2000, 2e-4, 1e-4
+EVAL_EVERY, EVAL_CURVE, EVAL_FINAL, QAT_LR, TEACHER_LR = 10, 256, 2000, 2e-4, 1e-4
 ROWS = ["teacher", "rtn:2", "gptq:2", "twn:ternary", "kd:2", "ti:2", "kd:ternary", "ti:ternary"]
 LABELS = {**_LABELS, "teacher": "fp32 fine-tuned (teacher)", "ti": f"TI-QAT (TI-G, {TI_STEPS} steps)"}
 
