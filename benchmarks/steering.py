@@ -15,7 +15,8 @@ moved towards the target beyond the training prompts.
 Steered modules: every ``post_attention_layernorm`` (30 × 576 coordinates, 34,560 parameters). Rows: the base
 model; the mean-shift baseline (ω = 1, b = mean target − mean source per module, closed form, fitted layer by layer on
 the activations the earlier shifts produced — ``fit_mean_shift(sequential=True)`` — or all on the base model); LinEAS
-(``STEPS`` Adam steps, lr ``LR`` cosine, batch = all 32 + 32 prompts, no sparsity penalty), each at a few strengths.
+(``STEPS`` Adam steps, lr ``LR`` cosine, batch = all 32 + 32 prompts, no sparsity penalty), each at a few strengths;
+and sparse LinEAS (same run with ``l1_penalty`` = the ``L1_QUANTILE`` quantile of the initial gradients).
 
     python benchmarks/steering.py               # every missing row (one process each, cached), then RESULTS + PNG
 """
@@ -379,7 +380,7 @@ def plot(train: dict, sparse: dict | None) -> None:
     ax.legend()
     ax.set_xlabel("step"), ax.set_ylabel("Σ per-coordinate W2² over 30 modules")
     ax.set_yscale("log")
-    ax.set_title("LinEAS on SmolLM2-135M: WikiText → Shakespeare (training prompts)")
+    ax.set_title("LinEAS, SmolLM2-135M: WikiText → Shakespeare")
     fig.tight_layout()
     fig.savefig(Path(__file__).resolve().parent / "steering.png", dpi=110)
 
