@@ -290,8 +290,8 @@ def write_results(results: dict) -> None:
              f"parameters). Training: {N_PROMPTS} WikiText-2 valid sentences → {N_PROMPTS} TinyShakespeare speech "
              f"chunks, unpaired, ≤ {MAX_LEN} tokens each; LinEAS {STEPS} Adam steps, lr {LR} cosine, batch = all "
              "prompts, no sparsity penalty. Evaluation on held-out text only (see the script's docstring): "
-             f"perplexity over {PPL_WINDOWS} × {PPL_LEN} tokens of the last 20 % of TinyShakespeare (lower = more "
-             f"Shakespeare-like) and of WikiText-2 test (the cost on neutral text); a char 1-4-gram logistic-regression "
+             f"perplexity over {PPL_WINDOWS} × {PPL_LEN} tokens of the last 20 % of TinyShakespeare (measure b) and of "
+             f"WikiText-2 test (the cost on neutral text); a char 1-4-gram logistic-regression "
              f"style classifier (held-out accuracy {base['classifier_acc'] if base else 'n/a'}) on "
              f"{len(NEUTRAL) * GEN_SAMPLES} sampled {GEN_TOKENS}-token continuations of {len(NEUTRAL)} neutral prompts "
              "(same seed for every row); held-out W2 = the LinEAS loss between 32 other WikiText sentences through the "
@@ -357,7 +357,22 @@ def _reading(results: dict) -> list[str]:
                    f"yet breaks the model (WikiText PPL {shift['ppl_wikitext']:.0f}, degenerate repetitions — the "
                    f"classifier's {shift['style_frac_shakespeare']:.0%} is scored on garbage); LinEAS's end-to-end "
                    f"fit ends at held-out W2 {lin['heldout_w2']} (mean shift: {shift['heldout_w2']}) with WikiText "
-                   f"PPL {lin['ppl_wikitext']:.1f} (unsteered: {base['ppl_wikitext'] if base else 'n/a'}).")
+                   f"PPL {lin['ppl_wikitext']:.1f} (unsteered: {base['ppl_wikitext'] if base else 'n/a'}): a closer match of pooled "
+                   "means is not a better model.")
+    half, indep = results.get("lineas@0.5"), results.get("mean_shift_independent@1")
+    if half and shift and indep:
+        out.append(f"- At strength 0.5 LinEAS moves the continuations as far as the sequential mean shift at strength 1 "
+                   f"({half['style_frac_shakespeare']:.0%} vs {shift['style_frac_shakespeare']:.0%} classed Shakespeare) "
+                   f"at WikiText PPL {half['ppl_wikitext']:.1f} instead of {shift['ppl_wikitext']:.0f}, and further "
+                   f"than the independent mean shift ({indep['style_frac_shakespeare']:.0%} at PPL "
+                   f"{indep['ppl_wikitext']:.1f}). LinEAS's strength knob trades style for cost monotonically (0.5 → 1 → 1.5).")
+    sparse = results.get("lineas_sparse@1")
+    train = results.get("train_lineas_sparse")
+    if sparse and half and train:
+        out.append(f"- Sparse LinEAS moves {train['coordinates_moved'] / train['coordinates']:.1%} of the coordinates; "
+                   f"at strength 1 it reaches {sparse['style_frac_shakespeare']:.0%} at WikiText PPL "
+                   f"{sparse['ppl_wikitext']:.1f}, against dense LinEAS at 0.5: {half['style_frac_shakespeare']:.0%} at "
+                   f"{half['ppl_wikitext']:.1f} — in this one 40-step run sparsity did not buy a better trade-off.")
     return out
 
 
