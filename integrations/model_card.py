@@ -85,6 +85,20 @@ def _base_model_from(artifact: Artifact) -> str | None:
     return None
 
 
+# the Hub's pipeline tag from the architecture's head: a card must not call an image classifier a text generator
+PIPELINE_TAGS = {"ForCausalLM": "text-generation", "ForImageClassification": "image-classification",
+                 "ForSequenceClassification": "text-classification", "ForMaskedLM": "fill-mask",
+                 "ForTokenClassification": "token-classification"}
+
+
+def _pipeline_tag(artifact: Artifact) -> str:
+    for architecture in artifact.config.get("architectures") or []:
+        for suffix, tag in PIPELINE_TAGS.items():
+            if architecture.endswith(suffix):
+                return tag
+    return "text-generation"
+
+
 def _assemble(artifact, repo_id, base_model, results, template, fields, image) -> RenderedCard:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -98,7 +112,8 @@ def _assemble(artifact, repo_id, base_model, results, template, fields, image) -
                         metric_value=r["value"]) for r in results]
     is_adapter = bool(artifact.adapter_config)
     data = ModelCardData(
-        base_model=base_model, library_name="peft" if is_adapter else "transformers", pipeline_tag="text-generation",
+        base_model=base_model, library_name="peft" if is_adapter else "transformers",
+        pipeline_tag=fields.pop("pipeline_tag", None) or _pipeline_tag(artifact),
         tags=["hf-compress", artifact.kind.replace("_", "-"), *fields.pop("tags", [])],
         model_name=model_name if evals else None, eval_results=evals or None,
     )

@@ -249,3 +249,14 @@ def test_v1_checkpoints_load_unchanged_in_a_fresh_process(name, tmp_path):
     # unchanged up to float rounding: transformers/torch releases reorder a few sums (5.25 moved the last bit);
     # a misread plan or a wrong grid moves logits by orders of magnitude more than 1e-6
     torch.testing.assert_close(load_file(str(tmp_path / "l.safetensors"))["l"], expected, rtol=0, atol=1e-6)
+
+
+def test_methods_listing_names_each_methods_own_sub_command(capsys):
+    from hf_compress.cli import main
+
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "[hf-compress steer ...]" in lines["lineas"]
+    assert "[hf-compress qat ...]" in lines["ti-qat"]
+    assert "[hf-compress prune --method wanda ...]" in lines["wanda"]
+    assert "[hf-compress quantize --method gptq]" in lines["gptq"]

@@ -252,6 +252,7 @@ def test_cli_search_and_fixed_schedule(tmp_path, capsys):
                  "--merge-kept", "17,12,10,6"]) == 0
     card = (tmp_path / "fixed" / "README.md").read_text()
     assert "| 3 | 10 | 8 | 6 |" in card and "hf_compress_plan.png" in card
+    assert "pipeline_tag: image-classification" in card and "text-generation" not in card
     # bad input: increasing counts, a missing image file
     assert main(["diffrate", str(tmp_path / "vit"), "--out", str(tmp_path / "bad"), "--prune-kept", "17,14,15,8",
                  "--merge-kept", "17,12,10,6"]) == 2

@@ -409,8 +409,16 @@ COMMANDS = {"run": cmd_run, "quantize": cmd_quantize, "export": cmd_export, "eva
 def cmd_methods(args) -> dict:
     rows = methods()
     width = max(len(m.name) for m in rows)
+    shared = [m.command for m in rows if m.command]
     for m in rows:
-        how = f"hf-compress quantize --method {m.name}" if m.kind == "quantization" else f"hf-compress {m.name} ..."
+        if m.command and shared.count(m.command) > 1:  # one sub-command for a family of methods (prune)
+            how = f"hf-compress {m.command} --method {m.name} ..."
+        elif m.command:  # a method with its own workflow (training, search) names its own sub-command
+            how = f"hf-compress {m.command} ..."
+        elif m.kind == "quantization":
+            how = f"hf-compress quantize --method {m.name}"
+        else:
+            how = f"hf-compress {m.name} ..."
         print(f"{m.name:<{width}}  {m.kind:<12}  {m.summary}   [{how}]")
     return {"methods": [m.name for m in rows]}
 
