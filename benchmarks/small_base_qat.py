@@ -197,6 +197,19 @@ def goal_lines(results: dict, widths, metric: str, unit: str) -> list[str]:
     return lines
 
 
+def flatness(results: dict) -> str:
+    """How much each QAT row's held-out curve still moved over its second half (mean of the evaluations)."""
+    parts = []
+    for row, r in results.items():
+        if r.get("eval_curve"):
+            steps = r["steps"]
+            first = [v for s, v in r["eval_curve"] if steps / 2 - steps / 6 <= s <= steps / 2]
+            last = [v for s, v in r["eval_curve"] if s >= steps - steps / 6]
+            parts.append(f"`{row}` {sum(first) / len(first):.4f} → {sum(last) / len(last):.4f}")
+    return ("Held-out curve, mean over the evaluations just before the middle vs over the last sixth of the steps: "
+            + "; ".join(parts) + "." if parts else "")
+
+
 def write_results(results: dict) -> None:
     import transformers
 
@@ -228,6 +241,15 @@ def write_results(results: dict) -> None:
               "| width | training KD loss (20-step running mean; TI counted only after its intervention) | held-out CE "
               "(16 windows, every 10 steps) | verdict |", "|---|---|---|---|"]
     lines += goal_lines(results, ("2", "ternary"), "ce", "nats/char")
+    ptq = results.get("gptq:2")
+    if ptq and results.get("kd:2") and results.get("ti:2"):
+        lines += ["", f"At equal realised bits ({ptq['bits_per_weight']} bits/weight), 2-bit KD-QAT / TI-QAT reach "
+                  f"{results['kd:2']['heldout']:.4f} / {results['ti:2']['heldout']:.4f} nats/char against GPTQ's "
+                  f"{ptq['heldout']:.4f} (full precision {results['fp']['heldout']})."]
+    lines += ["", "Notes: " + flatness(results) + " TI's training loss over its first "
+              f"{TI_STEPS} steps is that of the intervened forward (teacher signals substituted), so the goal uses only "
+              "its later steps; its held-out curve is always the plain student's. Wall seconds depend on the machine's "
+              "load at the time (shared cores), not on the method."]
     if plot(results, PLOT, LABELS, TI_STEPS, "held-out CE (nats/char)", "small Llama base: QAT at 2 bits and ternary"):
         lines += ["", f"![loss vs step]({PLOT.name})"]
     missing = [r for r in ROWS if r not in results]
