@@ -40,8 +40,11 @@ THREADS = int(os.environ.get("HF_COMPRESS_THREADS", "1"))
 GPT2_STEPS, GPT2_BATCH, GPT2_LR = int(os.environ.get("HF_COMPRESS_LNFREE_STEPS", "300")), 8, 5e-4
 SMOL_STEPS, SMOL_BATCH, SMOL_SEQ, SMOL_LR = int(os.environ.get("HF_COMPRESS_LNFREE_SMOL_STEPS", "24")), 4, 128, 1e-4
 SMOL_WARMUP, SMOL_SCHEDULER = 2, "constant_with_warmup"
+# the slow pair: one norm every SLOW_GAP steps (the paper's pace in steps, far fewer tokens) with the auxiliary loss,
+# against a vanilla fine-tune of the same steps and windows
+SLOW_STEPS, SLOW_BATCH, SLOW_GAP = int(os.environ.get("HF_COMPRESS_LNFREE_SLOW_STEPS", "300")), 2, 3
 ROWS = ["gpt2:original", "gpt2:vanilla", "gpt2:lnfree", "gpt2:lnfree_aux",
-        "smollm2:original", "smollm2:vanilla", "smollm2:lnfree"]
+        "smollm2:original", "smollm2:vanilla", "smollm2:lnfree", "smollm2:vanilla_slow", "smollm2:lnfree_slow"]
 AUX_WEIGHT = 0.1
 
 
@@ -167,6 +170,13 @@ def run_gpt2(kind: str) -> dict:
     return result
 
 
+def slow_schedule():
+    from hf_compress.methods.ln_free import LNRemovalSchedule
+
+    # one layer at a time, SLOW_GAP steps apart, in the paper's order; all 91 norms gone at step 280 of 300
+    return LNRemovalSchedule(start=10, gap_ln2=SLOW_GAP, gap_ln1qk=SLOW_GAP, gap_ln1v=SLOW_GAP, gap_ln_f=SLOW_GAP)
+
+
 def run_smollm2(kind: str) -> dict:
     import torch
 
@@ -182,18 +192,21 @@ def run_smollm2(kind: str) -> dict:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         windows = ids[: n * SMOL_SEQ].view(n, SMOL_SEQ)[order]
         schedule = None
-        if kind == "lnfree":
+        slow = kind.endswith("_slow")
+        steps, batch = (SLOW_STEPS, SLOW_BATCH) if slow else (SMOL_STEPS, SMOL_BATCH)
+        if kind.startswith("lnfree"):
             from hf_compress.methods.ln_free import estimate_std, make_removable
 
             make_removable(model, position0=True)
-            estimate_std(model, [windows[:SMOL_BATCH]])
-            schedule = smol_schedule()
-        result.update(finetune(model, list(windows), SMOL_STEPS, SMOL_BATCH, SMOL_LR, schedule=schedule,
-                               warmup=SMOL_WARMUP, scheduler=SMOL_SCHEDULER))
+            estimate_std(model, [windows[:batch]])
+            schedule = slow_schedule() if slow else smol_schedule()
+        result.update(finetune(model, list(windows), steps, batch, SMOL_LR, schedule=schedule,
+                               aux=AUX_WEIGHT if kind == "lnfree_slow" else 0.0,
+                               warmup=10 if slow else SMOL_WARMUP, scheduler=SMOL_SCHEDULER))
         if result["diverged_at"] is not None:  # NaN weights: no perplexity to measure
             result["perplexity"] = None
             return result
-        if kind == "lnfree":
+        if kind.startswith("lnfree"):
             from hf_compress.methods.ln_free import to_structural
 
             ref_ids = windows[:1]
@@ -222,7 +235,7 @@ class LnFreeRowCache(RowCache):
     """Trained rows are cached per step count, so changing the steps re-measures them."""
 
     def path(self, row: str) -> Path:
-        suffix = f"_{GPT2_STEPS}" if row.startswith("gpt2") else f"_{SMOL_STEPS}"
+        suffix = f"_{GPT2_STEPS}" if row.startswith("gpt2") else f"_{SLOW_STEPS if row.endswith('_slow') else SMOL_STEPS}"
         return self.dir / f"{row.replace(':', '_')}{'' if row.endswith('original') else suffix}.json"
 
 
@@ -257,7 +270,8 @@ def plot(results: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, family in zip(axes, ("gpt2", "smollm2")):
-        for kind, colour in (("vanilla", "tab:blue"), ("lnfree", "tab:purple"), ("lnfree_aux", "tab:pink")):
+        for kind, colour in (("vanilla", "tab:blue"), ("lnfree", "tab:purple"), ("lnfree_aux", "tab:pink"),
+                             ("vanilla_slow", "tab:cyan"), ("lnfree_slow", "tab:olive")):
             r = results.get(f"{family}:{kind}")
             if not r:
                 continue
@@ -268,7 +282,7 @@ def plot(results: dict) -> None:
                 if v is None or not math.isfinite(v):
                     break
                 finite.append(v)
-            k = 10 if family == "gpt2" else 1
+            k = 10 if family == "gpt2" or kind.endswith("_slow") else 1
             smooth = [sum(finite[max(0, i - k + 1): i + 1]) / len(finite[max(0, i - k + 1): i + 1])
                       for i in range(len(finite))]
             label = f"{kind} fine-tune"
@@ -358,11 +372,38 @@ def write_results(results: dict) -> None:
         lines += ["", SMOL_DIVERGED.format(step=lnf["diverged_at"], climb=f"{max(finite):.2f}", steps=SMOL_STEPS)]
     elif lnf and "vanilla" in s:
         lines += ["", f"LN-free lands {lnf['perplexity'] - s['vanilla']['perplexity']:+.3f} perplexity from vanilla."]
+    lines += slow_lines(s)
     missing = [r for r in ROWS if r not in results]
     if missing:
         lines += ["", "Not measured: " + ", ".join(f"`{r}`" for r in missing) + "."]
     lines += ["", f"Loss curves: `benchmarks/{PLOT.name}` (dotted lines: the step each norm was removed).", ""]
     write_section(TITLE, "\n".join(lines) + "\n")
+
+
+def slow_lines(s: dict) -> list[str]:
+    """The slow pair: does one norm per few steps, with the auxiliary loss, keep SmolLM2 finite, and at what cost?"""
+    lines = ["", f"**Slow removal** (next session): {SLOW_STEPS} Trainer steps × {SLOW_BATCH} × {SMOL_SEQ} tokens (the same "
+             f"seeded windows), lr {SMOL_LR} constant after 10 warmup steps; LN-free removes one norm every {SLOW_GAP} "
+             f"steps from step 10 in the paper's order (all gone at step {slow_schedule().last_step(30)}) with the "
+             f"auxiliary residual-norm loss ({AUX_WEIGHT}); the vanilla row sees the same windows.", "",
+             "| row | steps | perplexity | structural export max abs Δlogit | s/step |", "|---|---|---|---|---|"]
+    for kind in ("vanilla_slow", "lnfree_slow"):
+        r = s.get(kind)
+        if r is None:
+            lines.append(f"| {kind} | not measured | | | |")
+            continue
+        d = f"{r['structural_max_delta']:.1e}" if "structural_max_delta" in r else "—"
+        ppl = r["perplexity"] if r["perplexity"] is not None else f"diverged (NaN loss at step {r['diverged_at']})"
+        steps = r["steps"] if r.get("diverged_at") is None else f"{r['diverged_at']} of {r['steps']}"
+        lines.append(f"| {kind} | {steps} | {ppl} | {d} | {r.get('s_per_step', '—')} |")
+    a, b = s.get("lnfree_slow"), s.get("vanilla_slow")
+    if a and b and a["perplexity"] is not None and b["perplexity"] is not None:
+        lines += ["", f"Slow LN-free: no divergence; perplexity {a['perplexity'] - b['perplexity']:+.2f} from its vanilla "
+                      f"fine-tune ({a['perplexity'] / b['perplexity']:.2f}×)."]
+    elif a and a.get("diverged_at") is not None:
+        lines += ["", f"Slow LN-free still diverged, at step {a['diverged_at']} (norms removed by then: "
+                      f"{len([x for x in a['removed'] if x[0] < a['diverged_at']]) if a.get('removed') else 'see the curve'})."]
+    return lines
 
 
 def write_results_and_plot(results: dict) -> None:
