@@ -22,6 +22,14 @@ class _KeptTokensMixin:
     ``None`` (both) means no reduction. ``diffrate_search`` records how the counts were found (target, FLOPs).
     """
 
+    def validate_architecture(self):
+        super().validate_architecture()
+        self._check_kept()
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _register_model_class()
+
     def _check_kept(self):
         if (self.prune_kept is None) != (self.merge_kept is None):
             raise ValueError("prune_kept and merge_kept must be given together (or neither)")
@@ -42,14 +50,6 @@ class DiffRateViTConfig(_KeptTokensMixin, ViTConfig):
     num_prefix_tokens: int = 1
     diffrate_search: dict | None = None
 
-    def validate_architecture(self):
-        super().validate_architecture()
-        self._check_kept()
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _register_model_class()
-
 
 @strict
 class DiffRateDeiTConfig(_KeptTokensMixin, DeiTConfig):
@@ -61,14 +61,6 @@ class DiffRateDeiTConfig(_KeptTokensMixin, DeiTConfig):
     merge_kept: list | None = None
     num_prefix_tokens: int = 2
     diffrate_search: dict | None = None
-
-    def validate_architecture(self):
-        super().validate_architecture()
-        self._check_kept()
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _register_model_class()
 
 
 def register() -> None:
