@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 from small_base_qat import LABELS as _LABELS  # noqa: E402
-from small_base_qat import StepBatches, goal_lines, grid, plot, train_qat  # noqa: E402
+from small_base_qat import StepBatches, flatness, goal_lines, grid, plot, train_qat  # noqa: E402
 
 CACHE = RowCache("bench_qat_minilm", __file__)
 TITLE = "## QAT on MiniLM-L6 (encoder + task head: Teacher Intervention vs KD-QAT vs PTQ)"
@@ -250,6 +250,13 @@ def write_results(results: dict) -> None:
               "| width | training KD loss (20-step running mean; TI counted only after its intervention) | accuracy "
               f"({EVAL_CURVE} sentences, every {EVAL_EVERY} steps) | verdict |", "|---|---|---|---|"]
     lines += goal_lines(results, ("2", "ternary"), "accuracy", "")
+    lines += ["", f"Notes: accuracy's standard error is about {100 * (0.7 * 0.3 / EVAL_CURVE) ** 0.5:.1f} points on the "
+              f"{EVAL_CURVE} curve sentences and {100 * (0.7 * 0.3 / EVAL_FINAL) ** 0.5:.1f} on the {EVAL_FINAL} final ones, "
+              "so the held-out column of the goal is noisy; the training-loss column is the firmer one. The teacher was "
+              "still improving when its fine-tuning stopped (a short budget on a shared 2-core machine). "
+              + flatness(results).replace("Held-out curve", "Accuracy curve") + " "
+              + f"TI's training loss over its first {TI_STEPS} steps is that of the intervened forward, so the goal uses "
+              "only its later steps; its accuracy curve is always the plain student's."]
     if plot(results, PLOT, LABELS, TI_STEPS, f"accuracy ({EVAL_CURVE} evaluation sentences)",
             "MiniLM-L6 word-swap task: QAT at 2 bits and ternary"):
         lines += ["", f"![loss and accuracy vs step]({PLOT.name})"]

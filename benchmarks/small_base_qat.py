@@ -192,7 +192,7 @@ def goal_lines(results: dict, widths, metric: str, unit: str) -> list[str]:
         half = kd["steps"] // 2
         holds = t_train is not None and t_train <= half and t_eval is not None and t_eval <= half
         lines.append(f"| {width} | KD final {kd_train[-1][1]:.4f}; TI first at step {t_train if t_train else 'never'} "
-                     f"| KD final {kd_eval} {unit}; TI first at step {t_eval if t_eval is not None else 'never'} | "
+                     f"| KD final {kd_eval}{' ' + unit if unit else ''}; TI first at step {t_eval if t_eval is not None else 'never'} | "
                      f"{'holds' if holds else 'does not hold'} (half = step {half}) |")
     return lines
 
