@@ -126,3 +126,14 @@ def fresh_process_logits(checkpoint, ids, workdir):
                          cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return load_file(str(out))["logits"]
+
+
+THREADS_AT_START = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    """A test module that sets torch's thread count at import changes every later test of the run (fresh-process
+    bit-equality checks then fail far from the cause): refuse it here, naming the problem."""
+    if torch.get_num_threads() != THREADS_AT_START:
+        raise pytest.UsageError(f"a test module changed torch's thread count at import ({THREADS_AT_START} -> "
+                                f"{torch.get_num_threads()}); set it in a fixture that restores it")

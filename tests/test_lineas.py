@@ -20,11 +20,20 @@ from hf_compress.methods.lineas.layer import steer
 from hf_compress.methods.lineas.loss import lineas_loss, pooled_mean, prox_sparse_group_, sorted_w2
 from hf_compress.methods.lineas.train import encode_prompts, pooled_activations
 
-torch.set_num_threads(1)
 TOK = CharTokenizer()
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
 BOTH_NORMS = ["input_layernorm", "post_attention_layernorm"]
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread for these small runs, restored after: a thread count set at import would leak into every later
+    test of the session (bit-equality checks against fresh processes then fail)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 def prompts(alphabet: str, n: int, seed: int) -> list[str]:
     """Toy "styles": random strings over disjoint alphabets."""
