@@ -45,7 +45,8 @@ NEUTRAL = ["The", "In the morning,", "She said that", "It was", "When I", "There
            "He looked at the", "They had", "After the", "This is", "I have", "Once", "If you", "What"]
 # most informative first: a row the machine's time runs out on is reported as not measured
 ROWS = ["train_lineas", "base", "lineas@1", "mean_shift@1", "lineas@0.5", "mean_shift_independent@1", "mean_shift@0.5",
-        "lineas@1.5", "train_lineas_sparse", "lineas_sparse@1", "lineas_sparse@0.5"]
+        "lineas@1.5", "train_lineas_sparse", "lineas_sparse@1", "lineas_sparse@0.5", "speed"]
+SPEED_REPEATS, SPEED_PROMPT, SPEED_NEW = 7, 256, 32
 TABLE_ORDER = ["base", "mean_shift@0.5", "mean_shift@1", "mean_shift_independent@1", "lineas@0.5", "lineas@1",
                "lineas@1.5", "lineas_sparse@0.5", "lineas_sparse@1"]
 ADAPTERS = {"lineas": CACHE.dir / "lineas_adapter", "lineas_sparse": CACHE.dir / "lineas_sparse_adapter"}
@@ -224,6 +225,8 @@ def run_row(row: str) -> dict:
     name, _, strength = row.partition("@")
     if name.startswith("train_"):
         return {"row": row, **train_row(model, tok, data, name.removeprefix("train_"))}
+    if name == "speed":
+        return {"row": row, **speed_row(model, tok, data)}
     clf = train_classifier(data)
     if name == "base":
         return {"row": row, **evaluate(model, tok, data, clf), "classifier_acc": round(clf[2], 4)}
@@ -272,6 +275,46 @@ def train_row(model, tok, data: dict, name: str) -> dict:
             "params": sum(p.numel() for p in peft.parameters() if p.requires_grad)}
 
 
+def speed_row(model, tok, data: dict) -> dict:
+    """The steered forward's cost against the unsteered model, interleaved in one process (median of repeats).
+
+    The same module steers at strength 1 and, inside ``disable_adapter()``, runs the base path, so both rows share
+    weights, threads and cache state; only the per-layer affine maps differ.
+    """
+    import statistics
+
+    import torch
+    from peft import PeftModel
+
+    if not (ADAPTERS["lineas"] / "adapter_model.safetensors").is_file():
+        sys.exit("run the train_lineas row first")
+    peft = PeftModel.from_pretrained(model, ADAPTERS["lineas"]).eval()
+    peft.set_strength(1.0)
+    text = " ".join(data["target"] + data["source"])
+    ids = tok(text, return_tensors="pt").input_ids[:, :SPEED_PROMPT]
+
+    def forward():
+        peft(input_ids=ids)
+
+    def generate():
+        peft.generate(input_ids=ids[:, :16], max_new_tokens=SPEED_NEW, min_new_tokens=SPEED_NEW, do_sample=False)
+
+    times = {(kind, steered): [] for kind in ("forward", "generate") for steered in (False, True)}
+    with torch.no_grad():
+        for _ in range(SPEED_REPEATS):
+            for kind, fn in (("forward", forward), ("generate", generate)):
+                for steered in (False, True):
+                    t0 = time.perf_counter()
+                    if steered:
+                        fn()
+                    else:
+                        with peft.disable_adapter():
+                            fn()
+                    times[(kind, steered)].append(time.perf_counter() - t0)
+    median = {f"{kind}_{'steered' if s else 'base'}_s": round(statistics.median(v), 4) for (kind, s), v in times.items()}
+    return {**median, "repeats": SPEED_REPEATS, "prompt_tokens": int(ids.shape[1]), "new_tokens": SPEED_NEW}
+
+
 LABELS = {"base": "unsteered", "mean_shift": "mean shift, sequential (local)",
           "mean_shift_independent": "mean shift, independent (local)", "lineas": "LinEAS (end to end)",
           "lineas_sparse": "LinEAS + ℓ1 (sparse)"}
@@ -316,6 +359,14 @@ def write_results(results: dict) -> None:
         lines.append(f"| {LABELS[name]} | {strength or '—'} | {r['ppl_shakespeare']:.1f} | {r['ppl_wikitext']:.1f} | "
                      f"{r['style_p_shakespeare']} | {r['style_frac_shakespeare']:.0%} | {w2} |")
     lines += _reading(results)
+    speed = results.get("speed")
+    if speed:
+        lines += ["", f"Speed (row `speed`: steered at strength 1 vs the same model inside `disable_adapter()`, interleaved, "
+                      f"median of {speed['repeats']}, 1 thread): forward over {speed['prompt_tokens']} tokens "
+                      f"{speed['forward_base_s']} s → {speed['forward_steered_s']} s "
+                      f"({speed['forward_steered_s'] / speed['forward_base_s']:.3f}×); greedy generation of "
+                      f"{speed['new_tokens']} tokens {speed['generate_base_s']} s → {speed['generate_steered_s']} s "
+                      f"({speed['generate_steered_s'] / speed['generate_base_s']:.3f}×)."]
     examples = [(row, results[row]["examples"][0]) for row in ("base", "mean_shift@1", "lineas@1") if row in results]
     if examples:
         lines += ["", "First sampled continuation of \"The\" per row: " + "; ".join(

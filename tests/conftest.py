@@ -128,6 +128,20 @@ def fresh_process_logits(checkpoint, ids, workdir):
     return load_file(str(out))["logits"]
 
 
+def fresh_adapter_outputs(loader: str, base, adapter, ids, workdir) -> dict:
+    """Run ``loader`` (argv: base folder, adapter folder, output file, ids) in a new interpreter; its saved tensors."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script, out = Path(workdir) / "load.py", Path(workdir) / "out.safetensors"
+    script.write_text(loader)
+    run = subprocess.run([sys.executable, str(script), str(base), str(adapter), str(out), str(ids.tolist())],
+                         cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(out)
+
 THREADS_AT_START = torch.get_num_threads()
 
 

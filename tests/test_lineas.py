@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import CharTokenizer, save_char_tokenizer, subprocess_env, tiny_llama
+from conftest import CharTokenizer, fresh_adapter_outputs, save_char_tokenizer, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -214,13 +212,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_logits(tmp_path):
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "LinEAS" in card and "set_strength" in card
     expected = logits(model)
-    script = tmp_path / "load.py"
-    script.write_text(LOAD)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
-                          str(tmp_path / "out.safetensors"), str(IDS.tolist())], cwd=tmp_path, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = fresh_adapter_outputs(LOAD, tmp_path / "base", tmp_path / "adapter", IDS, tmp_path)
     assert torch.equal(out["steered"], expected)
     assert torch.equal(out["zero"], logits(tiny_llama()))
 

@@ -5,12 +5,10 @@ and ``hf-compress lisa --adapter``. The schedule itself is tested through both p
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import save_char_tokenizer, subprocess_env, tiny_llama
+from conftest import fresh_adapter_outputs, save_char_tokenizer, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -160,13 +158,7 @@ def test_fresh_process_round_trip_restores_identical_logits(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     expected = logits(model)
     assert not torch.equal(expected, logits(llama())), "training changed nothing; the test would be vacuous"
-    script = tmp_path / "load.py"
-    script.write_text(LOAD)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
-                          str(tmp_path / "out.safetensors"), str(IDS.tolist())], cwd=tmp_path, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = fresh_adapter_outputs(LOAD, tmp_path / "base", tmp_path / "adapter", IDS, tmp_path)
     assert torch.equal(out["peft"], expected) and torch.equal(out["merged"], expected)
 
 
