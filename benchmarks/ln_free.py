@@ -382,7 +382,9 @@ def write_results(results: dict) -> None:
 
 def slow_lines(s: dict) -> list[str]:
     """The slow pair: does one norm per few steps, with the auxiliary loss, keep SmolLM2 finite, and at what cost?"""
-    lines = ["", f"**Slow removal** (next session): {SLOW_STEPS} Trainer steps × {SLOW_BATCH} × {SMOL_SEQ} tokens (the same "
+    dates = sorted({r["date"] for r in s.values() if "date" in r and r["row"].endswith("_slow")})
+    lines = ["", f"**Slow removal** (`python benchmarks/ln_free.py --only smollm2:vanilla_slow smollm2:lnfree_slow`, "
+             f"{versions()}, {' to '.join(dates) if dates else 'not run'}; 1 thread, shared cores): {SLOW_STEPS} Trainer steps × {SLOW_BATCH} × {SMOL_SEQ} tokens (the same "
              f"seeded windows), lr {SMOL_LR} constant after 10 warmup steps; LN-free removes one norm every {SLOW_GAP} "
              f"steps from step 10 in the paper's order (all gone at step {slow_schedule().last_step(30)}) with the "
              f"auxiliary residual-norm loss ({AUX_WEIGHT}); the vanilla row sees the same windows.", "",

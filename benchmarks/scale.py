@@ -93,7 +93,7 @@ def run(kind: str, args, tmp: Path, index: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("multi", "streaming", "larger-than-ram"), default="multi")
+    parser.add_argument("--part", choices=("multi", "streaming", "larger-than-ram", "import-floor"), default="multi")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -110,9 +110,10 @@ def main() -> None:
                              "the section is left as it is")
     args = parser.parse_args()
     if args.part != "multi":
-        from scale_streaming import larger_than_ram, streaming
+        from scale_streaming import import_floor, larger_than_ram, streaming
 
-        return (streaming if args.part == "streaming" else larger_than_ram)(args)
+        parts = {"streaming": streaming, "larger-than-ram": larger_than_ram, "import-floor": import_floor}
+        return parts[args.part](args)
     import torch
     import transformers
 

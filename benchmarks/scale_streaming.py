@@ -230,6 +230,42 @@ def streaming(args) -> None:
     write_section(STREAMING_TITLE, text)
 
 
+FLOOR_TITLE = "## Import floor of a quantization process"
+FLOOR_STEPS = [("import torch", "import torch"), ("+ import transformers", "import transformers"),
+               ("+ from transformers import LlamaForCausalLM", "from transformers import LlamaForCausalLM"),
+               ("+ import hf_compress", "import hf_compress")]
+
+
+def import_floor(args) -> None:
+    """Peak RSS of fresh interpreters that only import, cumulatively: the memory every quantization path pays first."""
+    rows = []
+    for i, (label, _) in enumerate(FLOOR_STEPS):
+        code = "\n".join(stmt for _, stmt in FLOOR_STEPS[: i + 1]) + (
+            "\nimport resource, sys, json\nprint(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss / 1024, 'heavy': [m for m in ('torch._dynamo', 'triton', 'scipy') if m in sys.modules]}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append((label, json.loads(done.stdout.strip().splitlines()[-1])))
+    weights_mb = sum(f.stat().st_size for f in Path(_default_model_dir()).glob("*.safetensors")) / 2**20
+    floor = rows[-1][1]["peak_mb"]
+    lines = [FLOOR_TITLE, "", _header("python benchmarks/scale.py --part import-floor"), "",
+             "Peak RSS of a fresh `python -c` that runs the imports up to that row and nothing else:", "",
+             "| imports | peak RSS MB | heavy modules loaded |", "|---|---|---|"]
+    lines += [f"| {label} | {r['peak_mb']:.0f} | {', '.join(r['heavy']) or '—'} |" for label, r in rows]
+    lines += ["", f"Lower bound for the streaming goal of issue 20: an in-memory path also holds the fp32 weights of "
+                  f"SmolLM2-135M ({weights_mb:.0f} MB), so it peaks at ≥ {floor + weights_mb:.0f} MB; 40 % of that is "
+                  f"{0.4 * (floor + weights_mb):.0f} MB, {'below' if 0.4 * (floor + weights_mb) < floor else 'above'} "
+                  f"the {floor:.0f} MB the imports alone hold."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(FLOOR_TITLE, text)
+
+
+def _default_model_dir():
+    from hf_compress.models import default_model_dir
+
+    return default_model_dir()
+
+
 def larger_than_ram(args) -> None:
     from transformers import LlamaConfig
 

@@ -276,10 +276,12 @@ def write_results() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import write_section
+    from quantization import versions
 
     title = "## Small pretrained bases (Llama and GPT-2, char-level TinyShakespeare)"
     lines = [title, "", f"Command: `nice -n 5 python benchmarks/small_base.py --arch llama` (and `--arch gpt2`) · "
-             f"{platform.machine()}, {os.cpu_count()} CPU cores, 1 torch thread, shared with other jobs. Own loop: AdamW "
+             f"{platform.machine()}, {os.cpu_count()} CPU cores, 1 torch thread, shared with other jobs · {versions()} · "
+             f"trained {trained_dates()}. Own loop: AdamW "
              "(0.9, 0.99), warmup + cosine to 10 %, wd 0.1 on matrices, clip 1.0, no dropout; checkpoints every 250 "
              "steps (safetensors weights + AdamW moments), resumable (`tests/test_small_base.py`: a SIGKILLed run "
              "resumes to bit-identical weights). Held-out: mean CE (nats/char) on the first 64 × 128 chars of the last "
@@ -300,6 +302,15 @@ def write_results() -> None:
                      f"{info['heldout_final']} | {drop:+.4f} / {info['heldout'][-2][1] - info['heldout'][-1][1]:+.4f} | {'yes' if drop is not None and drop < 0.02 else 'no'} | "
                      f"{info['seconds']:.0f} |")
     write_section(title, "\n".join(lines) + "\n")
+
+
+def trained_dates() -> str:
+    """When each cached base finished training (its training.json's date)."""
+    import datetime
+
+    dates = [f"{arch} {datetime.date.fromtimestamp((ROOT / spec.name / 'training.json').stat().st_mtime)}"
+             for arch, spec in SPECS.items() if (ROOT / spec.name / "training.json").is_file()]
+    return ", ".join(dates) or "not yet"
 
 
 def main(argv=None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+from quantization import versions  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
 NOT_RUN = "not run"
@@ -115,7 +116,7 @@ def write_results(results: dict) -> None:
     start = next((r["curve"][0][1] for r in results.values()), None)
     lines = [TITLE, "",
              f"Command: `nice -n 5 python benchmarks/small_base_lisa.py` · {platform.machine()}, {os.cpu_count()} CPU cores "
-             f"(1 thread, shared) · {measured_on(results) if results else 'not run'}", "",
+             f"(1 thread, shared) · {versions()} · {measured_on(results) if results else 'not run'}", "",
              f"{STEPS} AdamW steps × {BATCH} × {SEQ} = {STEPS * BATCH * SEQ:,} WikiText-2 valid chars per run (same "
              f"batches), warmup {WARMUP} + cosine to 10 %, clip 1.0. Held-out: WikiText-2 test, 64 × 128 chars; the base "
              f"before fine-tuning: {start} (32 windows). LoRA alpha = 2r on all seven Linears; LISA γ = {GAMMA}, K = "
@@ -148,8 +149,8 @@ def write_results(results: dict) -> None:
               "about as many values as the layers it adapts. The memory ratios of a 7B model do not carry over.", "",
               "On SmolLM2-135M (section \"LISA: layer-wise sampled fine-tuning vs LoRA and full fine-tuning on "
               "SmolLM2-135M\": 40 steps, learning rates not tuned) LISA also trails LoRA r=8. A tuned sweep of several "
-              "hundred steps on SmolLM2 was not measured: at 6-9 s per step on this machine, four methods × three "
-              "rates × 300 steps is 6-9 CPU-hours."]
+              "hundred steps on SmolLM2 was not measured: by the 5.5-9.2 s per step measured in that section, four "
+              "methods × three rates × 300 steps would take about 5.5-9 CPU-hours (an estimate; not run)."]
     write_section(TITLE, "\n".join(lines) + "\n")
     if best:
         plot(results, best)

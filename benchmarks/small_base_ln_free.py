@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+from quantization import versions  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
 NOT_RUN = "not run"
@@ -72,7 +73,7 @@ def run_row(row: str) -> dict:
 def write_results(results: dict) -> None:
     lines = [TITLE, "",
              f"Command: `nice -n 5 python benchmarks/small_base_ln_free.py` · {platform.machine()}, {os.cpu_count()} CPU "
-             f"cores (1 thread, shared) · {measured_on(results) if results else 'not run'}", "",
+             f"cores (1 thread, shared) · {versions()} · {measured_on(results) if results else 'not run'}", "",
              f"Fine-tunes: {STEPS} Trainer steps × {BATCH} × {SEQ} = {STEPS * BATCH * SEQ:,} train chars (same batches "
              f"for every row), AdamW lr {LR} cosine (warmup 20), wd 0.01, clip 1.0. LN-free schedule: MLP-input norms "
              "one layer per 10 steps from 50, then QK and V paths of the attention-input norms one layer per 15 steps, "

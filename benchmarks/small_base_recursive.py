@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+from quantization import versions  # noqa: E402
 from _rows import RowCache, main, measured_on  # noqa: E402
 
 NOT_RUN = "not run"
@@ -297,7 +298,7 @@ def write_results(results: dict) -> None:
     lines = [
         TITLE, "",
         f"Command: `nice -n 5 python benchmarks/small_base_recursive.py` · {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"(1 thread, shared with other jobs) · {measured_on(results)}",
+        f"(1 thread, shared with other jobs) · {versions()} · {measured_on(results)}",
         "",
         f"Base: `python benchmarks/small_base.py --arch llama` (8 layers, d 128, char-level, "
         f"{any_row.get('base_tokens', '?')} pretraining chars; held-out CE {any_row.get('base_heldout', '?')}). "
